@@ -1,0 +1,85 @@
+"""The active mesh and rules that parallel layers read while they trace.
+
+Layers do not take a mesh argument (no config object threaded through every layer): they read
+the mesh that ``jax.set_mesh`` made current and the :class:`~jmp.rules.Rules` made current by
+:func:`activate`. With nothing active, a layer computes the plain dense product, which is also the
+single-device reference the tests compare against.
+
+Example:
+    >>> with jmp.activate(mesh, rules):
+    ...     y = layer(x)            # sharded per rules, collectives inserted
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+
+import jax
+from jax.sharding import Mesh, PartitionSpec
+
+from jmp.rules import MeshAxes, Rules, resolve, raise_problems
+
+_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("jmp_rules", default=None)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules, /) -> Iterator[None]:
+    """Make ``mesh`` (via ``jax.set_mesh``) and ``rules`` current for the layers inside.
+
+    Jitted functions capture the rules at trace time: trace them inside this context. Inside a
+    jitted function (where ``jax.set_mesh`` is not allowed) it only sets the rules, provided the
+    same mesh is already current.
+    """
+    token = _RULES.set(rules)
+    try:
+        if jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:
+            yield
+        else:
+            with jax.set_mesh(mesh):
+                yield
+    finally:
+        _RULES.reset(token)
+
+
+def current_rules() -> Rules | None:
+    """The rules made current by :func:`activate`, or None."""
+    return _RULES.get()
+
+
+def current_mesh_shape() -> dict[str, int]:
+    """Axis sizes of the mesh in context (empty when none is set)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return {} if mesh.empty else dict(mesh.shape)
+
+
+def param_axis(name: str | None, /) -> MeshAxes:
+    """Mesh axes (of size > 1) that split a parameter dimension called ``name``; None if none.
+
+    This is how a layer learns its tensor-parallel axis: a row-parallel kernel's input dim
+    ``'mlp'`` maps to ``'model'`` under ``tp`` and to None under ``dp``.
+    """
+    rules, shape = current_rules(), current_mesh_shape()
+    if rules is None or not shape or name is None:
+        return None
+    axes = rules.params_dict.get(name)
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if shape.get(a, 1) > 1)
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def activation_spec(names: Sequence[str | None], /) -> PartitionSpec | None:
+    """Strictly resolve activation names with the current rules; None when nothing is active."""
+    rules = current_rules()
+    if rules is None or not current_mesh_shape():
+        return None
+    spec, problems = resolve(names, rules.activations_dict)
+    raise_problems(problems, what="activation")
+    return spec
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], /) -> jax.Array:
+    """Pin ``x`` to the sharding its logical ``names`` resolve to (no-op with nothing active)."""
+    spec = activation_spec(names)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)

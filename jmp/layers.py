@@ -1,0 +1,308 @@
+"""Tensor-parallel Flax NNX layers (Megatron-style), each parameter named by logical axes.
+
+The core is the row-parallel product **y = sum_i W_i x_i + b**: device i holds the block W_i of
+rows of W and the matching block x_i of the input's features, multiplies them locally, one psum
+over the tensor-parallel mesh axis joins the partial sums, and the bias is added once after it.
+A column-parallel layer splits W by output features instead and needs no communication.
+
+Every layer has two modes that must give the same numbers and the same collectives:
+
+- ``mode="manual"``: the psum is written out with ``jax.shard_map`` (partial-manual over the
+  tensor axis only, so data axes stay with the compiler).
+- ``mode="auto"``: only sharding annotations; XLA's partitioner inserts the all-reduce.
+
+The tensor axis is not a layer argument: it is whatever mesh axis the current rules map the
+split dimension to (``'mlp'`` -> ``'model'`` under ``tp``; -> nothing under ``dp``). Outside
+:func:`jmp.activate`, layers compute the dense product: the single-device reference.
+
+Example (the seed model, ``Linear(10,10) -> ReLU -> Linear(10,1)``, tensor-parallel):
+    >>> class Seed(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.up = ColumnParallelLinear(10, 8, rngs=rngs)
+    ...         self.down = RowParallelLinear(8, 1, rngs=rngs)
+    ...     def __call__(self, x):
+    ...         return self.down(jax.nn.relu(self.up(x)))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jmp.context import constrain, param_axis
+from jmp.errors import ConfigError
+from jmp.rules import MeshAxes
+
+Mode = Literal["auto", "manual"]
+Initializer = Callable[..., jax.Array]
+default_kernel_init = nnx.initializers.lecun_normal()
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("auto", "manual"):
+        raise ConfigError(f"mode must be 'auto' or 'manual', got {mode!r}.")
+
+
+def _axes_tuple(axis: MeshAxes) -> tuple[str, ...]:
+    return () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+
+
+def _act_names(ndim: int, *feature_names: str | None) -> tuple[str | None, ...]:
+    """('batch', None, ..., *features): leading dim is the batch, the rest are unsplit."""
+    lead = ndim - len(feature_names)
+    return (("batch",) + (None,) * (lead - 1) if lead > 0 else ()) + tuple(feature_names)
+
+
+def row_parallel_matmul(x: jax.Array, w: jax.Array, /, *, n_contract: int, axis: MeshAxes,
+                        mode: Mode) -> jax.Array:
+    """Contract the last ``n_contract`` dims of ``x`` with the first of ``w``, split over ``axis``.
+
+    The first contracted dim is split over ``axis``; the partial products are summed with one
+    all-reduce (``psum``) over it, so the result is whole on every device of that axis.
+    """
+    if axis is None or mode == "auto":
+        return jnp.tensordot(x, w, n_contract)
+    lead = x.ndim - n_contract
+    x_spec = P(*(None,) * lead, axis)
+    w_spec = P(axis)
+
+    def block(x_i: jax.Array, w_i: jax.Array) -> jax.Array:
+        return jax.lax.psum(jnp.tensordot(x_i, w_i, n_contract), _axes_tuple(axis))
+
+    return jax.shard_map(block, mesh=jax.sharding.get_abstract_mesh(), in_specs=(x_spec, w_spec),
+                         out_specs=P(), axis_names=set(_axes_tuple(axis)))(x, w)
+
+
+def column_parallel_matmul(x: jax.Array, w: jax.Array, /, *, n_contract: int, axis: MeshAxes,
+                           mode: Mode) -> jax.Array:
+    """Contract like :func:`row_parallel_matmul`, with ``w``'s first output dim split instead.
+
+    Each device computes its block of output features: no communication in the forward pass.
+    """
+    if axis is None or mode == "auto":
+        return jnp.tensordot(x, w, n_contract)
+    w_spec = P(*(None,) * n_contract, axis)
+    y_spec = P(*(None,) * (x.ndim - n_contract), axis)
+    return jax.shard_map(lambda x_, w_i: jnp.tensordot(x_, w_i, n_contract),
+                         mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(), w_spec),
+                         out_specs=y_spec, axis_names=set(_axes_tuple(axis)))(x, w)
+
+
+class _Linear(nnx.Module):
+    """Shared state of the two parallel linears: kernel ``(in, out)`` and bias ``(out,)``."""
+
+    def __init__(self, in_features: int, out_features: int, *, names: tuple[str, str],
+                 use_bias: bool, mode: Mode, dtype: jnp.dtype | None, param_dtype: jnp.dtype,
+                 kernel_init: Initializer, rngs: nnx.Rngs) -> None:
+        _check_mode(mode)
+        if in_features < 1 or out_features < 1:
+            raise ConfigError(f"features must be positive, got in={in_features}, "
+                              f"out={out_features}.")
+        self.in_features, self.out_features = in_features, out_features
+        self.names, self.mode, self.dtype = names, mode, dtype
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features),
+                                            param_dtype), out_sharding=names)
+        self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=names[1:])
+                     if use_bias else None)
+
+    def _operands(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        dtype = self.dtype or x.dtype
+        return x.astype(dtype), self.kernel[...].astype(dtype)
+
+    def _add_bias(self, y: jax.Array) -> jax.Array:
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+
+class ColumnParallelLinear(_Linear):
+    """``y = x W + b`` with W split over output features; the output stays split (no comms).
+
+    Args:
+        names: logical names of the kernel's (input, output) dims; the output name's rule picks
+            the tensor axis (default ``('embed', 'mlp')``: ``'mlp'`` -> ``'model'`` under tp).
+        mode: ``'auto'`` (annotations) or ``'manual'`` (``jax.shard_map``).
+
+    Example:
+        >>> layer = ColumnParallelLinear(64, 256, rngs=nnx.Rngs(0))
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+                 names: tuple[str, str] = ("embed", "mlp"), mode: Mode = "auto",
+                 dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+                 kernel_init: Initializer = default_kernel_init, rngs: nnx.Rngs) -> None:
+        super().__init__(in_features, out_features, names=names, use_bias=use_bias, mode=mode,
+                         dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
+                         rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, w = self._operands(x)
+        y = column_parallel_matmul(x, w, n_contract=1, axis=param_axis(self.names[1]),
+                                   mode=self.mode)
+        return constrain(self._add_bias(y), _act_names(y.ndim, self.names[1]))
+
+
+class RowParallelLinear(_Linear):
+    """``y = sum_i W_i x_i + b``: W split over input features, one psum, the bias added once.
+
+    The input is expected split over its features (as a column-parallel layer leaves it).
+
+    Args:
+        names: logical names of the kernel's (input, output) dims; the input name's rule picks
+            the tensor axis (default ``('mlp', 'embed')``).
+        mode: ``'auto'`` (XLA inserts the all-reduce) or ``'manual'`` (explicit ``psum``).
+
+    Example:
+        >>> layer = RowParallelLinear(256, 64, rngs=nnx.Rngs(0))
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+                 names: tuple[str, str] = ("mlp", "embed"), mode: Mode = "auto",
+                 dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+                 kernel_init: Initializer = default_kernel_init, rngs: nnx.Rngs) -> None:
+        super().__init__(in_features, out_features, names=names, use_bias=use_bias, mode=mode,
+                         dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
+                         rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, w = self._operands(x)
+        x = constrain(x, _act_names(x.ndim, self.names[0]))
+        y = row_parallel_matmul(x, w, n_contract=1, axis=param_axis(self.names[0]),
+                                mode=self.mode)
+        y = constrain(y, _act_names(y.ndim, self.names[1]))  # whole over the tensor axis
+        return self._add_bias(y)  # after the psum: added once, not once per shard
+
+
+class ParallelEmbed(nnx.Module):
+    """Token embedding with the vocabulary split over the tensor axis.
+
+    Each device looks up the ids that fall in its slice of the vocabulary (zeros elsewhere) and
+    one psum joins the slices: the table is never gathered.
+
+    Example:
+        >>> embed = ParallelEmbed(256, 64, rngs=nnx.Rngs(0)); embed(jnp.array([[1, 2]])).shape
+        (1, 2, 64)
+    """
+
+    def __init__(self, num_embeddings: int, features: int, *, mode: Mode = "auto",
+                 names: tuple[str, str] = ("vocab", "embed"), dtype: jnp.dtype | None = None,
+                 param_dtype: jnp.dtype = jnp.float32,
+                 embedding_init: Initializer = nnx.initializers.normal(0.02),
+                 rngs: nnx.Rngs) -> None:
+        _check_mode(mode)
+        self.num_embeddings, self.features = num_embeddings, features
+        self.mode, self.names, self.dtype = mode, names, dtype
+        self.embedding = nnx.Param(embedding_init(rngs.params(), (num_embeddings, features),
+                                                  param_dtype), out_sharding=names)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        table = self.embedding[...].astype(self.dtype or self.embedding[...].dtype)
+        axis = param_axis(self.names[0])
+        if axis is None or self.mode == "auto":
+            # A one-hot contraction over the split vocabulary is a row-parallel product: the
+            # partitioner computes local partial sums and all-reduces them (no table gather).
+            one_hot = jax.nn.one_hot(ids, self.num_embeddings, dtype=table.dtype)
+            y = jnp.tensordot(constrain(one_hot, _act_names(one_hot.ndim, self.names[0])),
+                              table, 1) if axis is not None else jnp.take(table, ids, axis=0)
+        else:
+            y = _manual_lookup(ids, table, axis)
+        return constrain(y, _act_names(y.ndim, self.names[1]))
+
+
+def _manual_lookup(ids: jax.Array, table: jax.Array, axis: MeshAxes) -> jax.Array:
+    axes = _axes_tuple(axis)
+
+    def block(ids_: jax.Array, table_i: jax.Array) -> jax.Array:
+        rows = table_i.shape[0]
+        start = jax.lax.axis_index(axes) * rows
+        local = ids_ - start
+        hit = (local >= 0) & (local < rows)
+        y = jnp.take(table_i, jnp.clip(local, 0, rows - 1), axis=0)
+        return jax.lax.psum(jnp.where(hit[..., None], y, 0), axes)
+
+    return jax.shard_map(block, mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(), P(axis)),
+                         out_specs=P(), axis_names=set(axes))(ids, table)
+
+
+class ParallelMLP(nnx.Module):
+    """Megatron MLP: column-parallel up-projection, activation, row-parallel down-projection.
+
+    One all-reduce forward (after the down-projection) and one backward (the input's gradient).
+
+    Example:
+        >>> mlp = ParallelMLP(64, 256, rngs=nnx.Rngs(0))
+    """
+
+    def __init__(self, features: int, hidden: int, *, activation: Callable = jax.nn.gelu,
+                 use_bias: bool = True, mode: Mode = "auto", dtype: jnp.dtype | None = None,
+                 param_dtype: jnp.dtype = jnp.float32,
+                 kernel_init: Initializer = default_kernel_init, rngs: nnx.Rngs) -> None:
+        common = dict(use_bias=use_bias, mode=mode, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=kernel_init, rngs=rngs)
+        self.activation = activation
+        self.up = ColumnParallelLinear(features, hidden, names=("embed", "mlp"), **common)
+        self.down = RowParallelLinear(hidden, features, names=("mlp", "embed"), **common)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(self.activation(self.up(x)))
+
+
+class ParallelAttention(nnx.Module):
+    """Multi-head attention with heads split over the tensor axis.
+
+    Q, K, V are column-parallel ``(embed, heads, kv)`` projections, so each device attends with
+    its own heads; the output projection ``(heads, kv, embed)`` is row-parallel (one psum).
+    Attention itself is ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPUs).
+
+    Example:
+        >>> attn = ParallelAttention(64, num_heads=4, rngs=nnx.Rngs(0))
+        >>> attn(jnp.ones((2, 16, 64))).shape
+        (2, 16, 64)
+    """
+
+    def __init__(self, features: int, *, num_heads: int, head_dim: int | None = None,
+                 causal: bool = True, use_bias: bool = True, mode: Mode = "auto",
+                 dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+                 kernel_init: Initializer = default_kernel_init, rngs: nnx.Rngs) -> None:
+        _check_mode(mode)
+        if head_dim is None:
+            if features % num_heads:
+                raise ConfigError(f"features={features} is not divisible by num_heads="
+                                  f"{num_heads}; pass head_dim explicitly or change one of them.")
+            head_dim = features // num_heads
+        self.num_heads, self.head_dim, self.causal = num_heads, head_dim, causal
+        self.mode, self.dtype = mode, dtype
+        shape_in, shape_out = (features, num_heads, head_dim), (num_heads, head_dim, features)
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
+                                                 out_axis=(1, 2))
+
+        def param(shape: Sequence[int], names: tuple[str, ...], fn: Initializer) -> nnx.Param:
+            return nnx.Param(fn(rngs.params(), shape, param_dtype), out_sharding=names)
+
+        proj_init = kernel_init if kernel_init is not default_kernel_init else init
+        self.query = param(shape_in, ("embed", "heads", "kv"), proj_init)
+        self.key = param(shape_in, ("embed", "heads", "kv"), proj_init)
+        self.value = param(shape_in, ("embed", "heads", "kv"), proj_init)
+        out_init = (kernel_init if kernel_init is not default_kernel_init else
+                    nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                      in_axis=(0, 1), out_axis=2))
+        self.out = param(shape_out, ("heads", "kv", "embed"), out_init)
+        self.out_bias = (nnx.Param(jnp.zeros((features,), param_dtype), out_sharding=("embed",))
+                         if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        axis = param_axis("heads")
+        q, k, v = (constrain(column_parallel_matmul(x, w[...].astype(dtype), n_contract=1,
+                                                    axis=axis, mode=self.mode),
+                             _act_names(x.ndim + 1, "heads", "kv"))
+                   for w in (self.query, self.key, self.value))
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        y = row_parallel_matmul(o, self.out[...].astype(dtype), n_contract=2, axis=axis,
+                                mode=self.mode)
+        y = constrain(y, _act_names(y.ndim, "embed"))
+        return y if self.out_bias is None else y + self.out_bias[...].astype(y.dtype)

@@ -1,0 +1,232 @@
+"""Rules: from logical axis names (``'embed'``, ``'mlp'``...) to mesh axes, strictly.
+
+A model names the role of each dimension of each parameter (``kernel: ('embed', 'mlp')``); a
+:class:`Rules` object says which mesh axis splits each role. Parameters and activations have
+separate tables, because FSDP splits weights at rest over ``data`` while activations are split
+over ``data`` along the batch instead.
+
+Resolution is strict, unlike Flax linen (which silently replicates an unknown name): a name with
+no rule, a mesh axis used twice in one spec, a rule pointing to an axis the mesh lacks, or a
+dimension the mesh axes do not divide are all errors, collected and raised together.
+
+Example:
+    >>> import jmp
+    >>> mesh = jmp.make_mesh("data=2,model=4")
+    >>> rules = jmp.rules.preset("dp_tp", mesh)
+    >>> rules.param_spec(("embed", "mlp"), shape=(64, 256), mesh=mesh)
+    PartitionSpec(None, 'model')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from jax.sharding import Mesh, PartitionSpec
+
+from jmp.errors import ShardingError
+
+MeshAxes = str | tuple[str, ...] | None
+RuleTable = tuple[tuple[str, MeshAxes], ...]
+
+#: The logical names jmp's layers and models use.
+LOGICAL_NAMES = ("batch", "seq", "embed", "mlp", "heads", "kv", "vocab", "layers", "stage")
+
+
+def _freeze(table: Mapping[str, MeshAxes] | Iterable[tuple[str, MeshAxes]]) -> RuleTable:
+    items = table.items() if isinstance(table, Mapping) else table
+    out: dict[str, MeshAxes] = {}
+    for name, axes in items:
+        if isinstance(axes, list):
+            axes = tuple(axes)
+        if not (axes is None or isinstance(axes, str) or
+                (isinstance(axes, tuple) and all(isinstance(a, str) for a in axes))):
+            raise ShardingError(
+                f"Rule for logical name {name!r} must be a mesh axis name, a tuple of them, or "
+                f"None (replicated); got {axes!r}."
+            )
+        out[str(name)] = axes
+    return tuple(out.items())
+
+
+@dataclass(frozen=True, init=False)
+class Rules:
+    """Two frozen tables: logical name -> mesh axis (or tuple of axes, or None = replicated).
+
+    Args:
+        params: the table for parameters (and so gradients and optimizer state).
+        activations: the table for activations; defaults to ``params``.
+
+    Example:
+        >>> rules = Rules(params={"embed": None, "mlp": "model"},
+        ...               activations={"batch": "data", "embed": None, "mlp": "model"})
+        >>> rules.params_dict["mlp"]
+        'model'
+    """
+
+    params: RuleTable
+    activations: RuleTable
+
+    def __init__(self, params: Mapping[str, MeshAxes] | Iterable[tuple[str, MeshAxes]],
+                 activations: Mapping[str, MeshAxes] | None = None) -> None:
+        object.__setattr__(self, "params", _freeze(params))
+        object.__setattr__(self, "activations",
+                           self.params if activations is None else _freeze(activations))
+
+    @property
+    def params_dict(self) -> dict[str, MeshAxes]:
+        return dict(self.params)
+
+    @property
+    def activations_dict(self) -> dict[str, MeshAxes]:
+        return dict(self.activations)
+
+    def replace(self, *, params: Mapping[str, MeshAxes] | None = None,
+                activations: Mapping[str, MeshAxes] | None = None) -> Rules:
+        """A copy with some entries of each table overridden."""
+        return Rules({**self.params_dict, **(params or {})},
+                     {**self.activations_dict, **(activations or {})})
+
+    def param_spec(self, names: Sequence[str | None], /, *, shape: Sequence[int] | None = None,
+                   mesh: Mesh | None = None, path: str = "<param>") -> PartitionSpec:
+        """Resolve a parameter's logical names into a ``PartitionSpec``, or raise."""
+        spec, problems = resolve(names, self.params_dict, shape=shape, mesh=mesh, path=path)
+        raise_problems(problems, what="parameter")
+        return spec
+
+    def activation_spec(self, names: Sequence[str | None], /, *,
+                        shape: Sequence[int] | None = None, mesh: Mesh | None = None,
+                        path: str = "<activation>") -> PartitionSpec:
+        """Resolve an activation's logical names into a ``PartitionSpec``, or raise."""
+        spec, problems = resolve(names, self.activations_dict, shape=shape, mesh=mesh, path=path)
+        raise_problems(problems, what="activation")
+        return spec
+
+
+def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def resolve(names: Sequence[str | None], table: Mapping[str, MeshAxes], *,
+            shape: Sequence[int] | None = None, mesh: Mesh | None = None,
+            path: str = "<array>") -> tuple[PartitionSpec, list[str]]:
+    """Resolve logical ``names`` with ``table``; return the spec and every problem found.
+
+    A ``None`` logical name means "replicated" without needing a rule. Problems are strings,
+    each naming the path, shape, logical names, mesh axis and size, and a fix.
+    """
+    where = f"{path} shape={tuple(shape) if shape is not None else '?'} names={tuple(names)}"
+    problems: list[str] = []
+    if shape is not None and len(names) != len(shape):
+        return PartitionSpec(), [f"{where}: {len(names)} logical names for {len(shape)} "
+                                 f"dimensions. Fix: give one name (or None) per dimension."]
+    entries: list[MeshAxes] = []
+    seen: dict[str, str] = {}
+    for dim, name in enumerate(names):
+        if name is None:
+            entries.append(None)
+            continue
+        if name not in table:
+            problems.append(f"{where}: logical name {name!r} has no rule. Fix: add "
+                            f"{name!r}: <mesh axis or None> to the rules (known: "
+                            f"{sorted(table)}).")
+            entries.append(None)
+            continue
+        axes = _as_tuple(table[name])
+        for axis in axes:
+            if mesh is not None and axis not in mesh.shape:
+                problems.append(f"{where}: rule {name!r} -> {axis!r}, but the mesh has no axis "
+                                f"{axis!r} (mesh axes: {dict(mesh.shape)}). Fix: map {name!r} "
+                                f"to one of {tuple(mesh.shape)} or None.")
+            elif axis in seen:
+                problems.append(f"{where}: mesh axis {axis!r} is used twice, by {seen[axis]!r} "
+                                f"and {name!r}. Fix: map one of them to another axis or None.")
+            seen.setdefault(axis, name)
+        if mesh is not None and shape is not None and all(a in mesh.shape for a in axes):
+            size = math.prod(mesh.shape[a] for a in axes)
+            if shape[dim] % size:
+                ok = [d for d in range(1, shape[dim] + 1) if shape[dim] % d == 0 and d <= 64]
+                problems.append(
+                    f"{where}: dimension {dim} ({name!r}, size {shape[dim]}) is not divisible by "
+                    f"mesh axis {table[name]!r} of size {size}. Fix: make the size a multiple "
+                    f"of {size}, map {name!r} to None, or use a mesh where that axis has size "
+                    f"in {ok}.")
+        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    while entries and entries[-1] is None:
+        entries.pop()  # P('model', None) and P('model') mean the same; keep one spelling
+    return PartitionSpec(*entries), problems
+
+
+def raise_problems(problems: Sequence[str], *, what: str) -> None:
+    """Raise one :class:`ShardingError` listing every problem, or return if there are none."""
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ShardingError(f"{len(problems)} {what} sharding problem(s):\n{lines}")
+
+
+# --- presets -------------------------------------------------------------------------------
+
+_TP_NAMES = ("mlp", "heads", "vocab")
+
+
+def _table(**overrides: MeshAxes) -> dict[str, MeshAxes]:
+    return {**dict.fromkeys(LOGICAL_NAMES, None), "stage": "stage", **overrides}
+
+
+def _strategy_tables(name: str) -> tuple[dict[str, MeshAxes], dict[str, MeshAxes], set[str]]:
+    tp = dict.fromkeys(_TP_NAMES, "model")
+    if name == "dp":
+        return _table(), _table(batch="data"), {"data"}
+    if name == "fsdp":
+        return _table(embed="data"), _table(batch="data"), {"data"}
+    if name == "tp":
+        return _table(**tp), _table(**tp), {"model"}
+    if name == "dp_tp":
+        return _table(**tp), _table(batch="data", **tp), {"data", "model"}
+    if name == "fsdp_tp":
+        return _table(embed="data", **tp), _table(batch="data", **tp), {"data", "model"}
+    raise ShardingError(f"Unknown strategy {name!r}. Known strategies: {', '.join(STRATEGIES)}.")
+
+
+STRATEGIES = ("dp", "fsdp", "tp", "dp_tp", "fsdp_tp")
+
+
+def preset(strategy: str, mesh: Mesh, /) -> Rules:
+    """The rules of a named strategy, checked against ``mesh``.
+
+    ================  ==============================  =================================
+    strategy          parameters                      activations
+    ================  ==============================  =================================
+    ``dp``            replicated                      batch over ``data``
+    ``fsdp``          ``embed`` dim over ``data``     batch over ``data``
+    ``tp``            mlp/heads/vocab over ``model``  mlp/heads/vocab over ``model``
+    ``dp_tp``         as ``tp``                       as ``tp`` + batch over ``data``
+    ``fsdp_tp``       ``fsdp`` + ``tp``               as ``dp_tp``
+    ================  ==============================  =================================
+
+    Raises:
+        ShardingError: unknown strategy, a mesh missing an axis the strategy needs, or a mesh
+            axis of size > 1 that the strategy would leave idle (devices doing duplicate work).
+
+    Example:
+        >>> preset("fsdp", jmp.make_mesh("data=8")).params_dict["embed"]
+        'data'
+    """
+    params, activations, needs = _strategy_tables(strategy)
+    missing = sorted(needs - set(mesh.shape))
+    idle = sorted(a for a, n in mesh.shape.items() if a not in needs and n > 1 and a != "stage")
+    if missing or idle:
+        shape = ",".join(f"{a}={n}" for a, n in mesh.shape.items())
+        msg = [f"Strategy {strategy!r} does not fit mesh {shape}:"]
+        if missing:
+            msg.append(f"it needs mesh axes {missing}, which the mesh lacks.")
+        if idle:
+            msg.append(f"mesh axes {idle} would hold identical copies doing duplicate work.")
+        msg.append(f"Fix: use a mesh over {sorted(needs)} (e.g. "
+                   f"{','.join(f'{a}=-1' if i == 0 else f'{a}=1' for i, a in enumerate(sorted(needs)))}"
+                   f") or pick a strategy that uses {sorted(mesh.shape)}.")
+        raise ShardingError(" ".join(msg))
+    return Rules(params, activations)
