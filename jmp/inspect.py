@@ -164,13 +164,15 @@ def collectives(compiled: Any, mesh: Mesh | None = None, /) -> list[Collective]:
         if not op:
             continue
         groups = _groups(line)
-        nbytes = _type_bytes(op.group("type"))
-        if op.group("start") and op.group("type").startswith("("):
-            nbytes = _type_bytes(_SHAPE.findall(op.group("type"))[-1][0] + "[" +
-                                 _SHAPE.findall(op.group("type"))[-1][1] + "]")
-        found.append(Collective(op.group("kind"), _axes_of(groups, mesh), nbytes,
-                                mults.get(current, 1) if current else 1,
-                                int(groups.shape[1]) if groups is not None else 0))
+        shapes = [f"{dtype}[{dims}]" for dtype, dims in _SHAPE.findall(op.group("type"))]
+        if op.group("start") and len(shapes) > 1:
+            shapes = shapes[-1:]  # async start: (operand, result); the result is what moves
+        # XLA's combiners fuse independent collectives into one tuple-shaped op: report each
+        # operand as its own collective, so counts match the program's logical all-reduces.
+        for shape in shapes:
+            found.append(Collective(op.group("kind"), _axes_of(groups, mesh), _type_bytes(shape),
+                                    mults.get(current, 1) if current else 1,
+                                    int(groups.shape[1]) if groups is not None else 0))
     return found
 
 

@@ -43,6 +43,16 @@ Initializer = Callable[..., jax.Array]
 default_kernel_init = nnx.initializers.lecun_normal()
 
 
+def named_param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
+    """A parameter carrying logical names, creatable without a mesh.
+
+    Flax's eager sharding would place it at creation using Flax's own (lenient) rules and fail
+    without a mesh; jmp places parameters itself (:func:`jmp.shard_init`), so it is off here and
+    the same module also builds unsharded, as the single-device reference.
+    """
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
 def _check_mode(mode: str) -> None:
     if mode not in ("auto", "manual"):
         raise ConfigError(f"mode must be 'auto' or 'manual', got {mode!r}.")
@@ -105,9 +115,9 @@ class _Linear(nnx.Module):
                               f"out={out_features}.")
         self.in_features, self.out_features = in_features, out_features
         self.names, self.mode, self.dtype = names, mode, dtype
-        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features),
-                                            param_dtype), out_sharding=names)
-        self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=names[1:])
+        self.kernel = named_param(kernel_init(rngs.params(), (in_features, out_features),
+                                              param_dtype), names)
+        self.bias = (named_param(jnp.zeros((out_features,), param_dtype), names[1:])
                      if use_bias else None)
 
     def _operands(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -195,8 +205,8 @@ class ParallelEmbed(nnx.Module):
         _check_mode(mode)
         self.num_embeddings, self.features = num_embeddings, features
         self.mode, self.names, self.dtype = mode, names, dtype
-        self.embedding = nnx.Param(embedding_init(rngs.params(), (num_embeddings, features),
-                                                  param_dtype), out_sharding=names)
+        self.embedding = named_param(embedding_init(rngs.params(), (num_embeddings, features),
+                                                    param_dtype), names)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         table = self.embedding[...].astype(self.dtype or self.embedding[...].dtype)
@@ -280,7 +290,7 @@ class ParallelAttention(nnx.Module):
                                                  out_axis=(1, 2))
 
         def param(shape: Sequence[int], names: tuple[str, ...], fn: Initializer) -> nnx.Param:
-            return nnx.Param(fn(rngs.params(), shape, param_dtype), out_sharding=names)
+            return named_param(fn(rngs.params(), shape, param_dtype), names)
 
         proj_init = kernel_init if kernel_init is not default_kernel_init else init
         self.query = param(shape_in, ("embed", "heads", "kv"), proj_init)
@@ -290,7 +300,7 @@ class ParallelAttention(nnx.Module):
                     nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                       in_axis=(0, 1), out_axis=2))
         self.out = param(shape_out, ("heads", "kv", "embed"), out_init)
-        self.out_bias = (nnx.Param(jnp.zeros((features,), param_dtype), out_sharding=("embed",))
+        self.out_bias = (named_param(jnp.zeros((features,), param_dtype), ("embed",))
                          if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:

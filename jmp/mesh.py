@@ -90,20 +90,20 @@ def resolve_mesh_shape(spec: MeshSpec, n_devices: int, /) -> dict[str, int]:
         if n_devices % known:
             raise MeshError(
                 f"Mesh {spec!r}: cannot fill -1, the other axes multiply to {known}, which does "
-                f"not divide the {n_devices} devices. {_suggest(list(axes), n_devices)}"
+                f"not divide the {n_devices} devices.{_suggest(list(axes), n_devices)}"
             )
         axes = {k: (n_devices // known if v == -1 else v) for k, v in axes.items()}
     elif known != n_devices:
         raise MeshError(
-            f"Mesh {spec!r} needs {known} devices but {n_devices} are available. "
-            f"{_suggest(list(axes), n_devices)}"
+            f"Mesh {spec!r} needs {known} devices but {n_devices} are available."
+            f"{_suggest(list(axes), n_devices)}".rstrip()
         )
     return axes
 
 
 def _suggest(names: list[str], n_devices: int) -> str:
     shapes = [format_mesh_shape(s) for s in fitting_shapes(names, n_devices)]
-    return "Shapes that fit: " + "; ".join(shapes) + "." if shapes else ""
+    return " Shapes that fit: " + "; ".join(shapes) + "." if shapes else ""
 
 
 def make_mesh(

@@ -225,8 +225,9 @@ def preset(strategy: str, mesh: Mesh, /) -> Rules:
             msg.append(f"it needs mesh axes {missing}, which the mesh lacks.")
         if idle:
             msg.append(f"mesh axes {idle} would hold identical copies doing duplicate work.")
-        msg.append(f"Fix: use a mesh over {sorted(needs)} (e.g. "
-                   f"{','.join(f'{a}=-1' if i == 0 else f'{a}=1' for i, a in enumerate(sorted(needs)))}"
-                   f") or pick a strategy that uses {sorted(mesh.shape)}.")
+        axes = sorted(needs)
+        example = ",".join([f"{a}=2" for a in axes[:-1]] + [f"{axes[-1]}=-1"])
+        msg.append(f"Fix: use a mesh over {axes} (e.g. '{example}') or pick a strategy that "
+                   f"uses {sorted(mesh.shape)}.")
         raise ShardingError(" ".join(msg))
     return Rules(params, activations)
