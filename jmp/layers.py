@@ -58,7 +58,7 @@ def _check_mode(mode: str) -> None:
         raise ConfigError(f"mode must be 'auto' or 'manual', got {mode!r}.")
 
 
-def _axes_tuple(axis: MeshAxes) -> tuple[str, ...]:
+def axes_tuple(axis: MeshAxes) -> tuple[str, ...]:
     return () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
 
 
@@ -82,25 +82,30 @@ def row_parallel_matmul(x: jax.Array, w: jax.Array, /, *, n_contract: int, axis:
     w_spec = P(axis)
 
     def block(x_i: jax.Array, w_i: jax.Array) -> jax.Array:
-        return jax.lax.psum(jnp.tensordot(x_i, w_i, n_contract), _axes_tuple(axis))
+        return jax.lax.psum(jnp.tensordot(x_i, w_i, n_contract), axes_tuple(axis))
 
     return jax.shard_map(block, mesh=jax.sharding.get_abstract_mesh(), in_specs=(x_spec, w_spec),
-                         out_specs=P(), axis_names=set(_axes_tuple(axis)))(x, w)
+                         out_specs=P(), axis_names=set(axes_tuple(axis)))(x, w)
 
 
 def column_parallel_matmul(x: jax.Array, w: jax.Array, /, *, n_contract: int, axis: MeshAxes,
-                           mode: Mode) -> jax.Array:
-    """Contract like :func:`row_parallel_matmul`, with ``w``'s first output dim split instead.
+                           mode: Mode, split_dim: int | None = None) -> jax.Array:
+    """Contract like :func:`row_parallel_matmul`, with an output dim of ``w`` split instead.
 
-    Each device computes its block of output features: no communication in the forward pass.
+    Each device computes its block of output features: no communication in the forward pass
+    (the backward pass sums the input's gradient over ``axis``: one all-reduce).
+
+    Args:
+        split_dim: the dim of ``w`` split over ``axis`` (default: its first output dim).
     """
     if axis is None or mode == "auto":
         return jnp.tensordot(x, w, n_contract)
-    w_spec = P(*(None,) * n_contract, axis)
-    y_spec = P(*(None,) * (x.ndim - n_contract), axis)
+    split_dim = n_contract if split_dim is None else split_dim
+    w_spec = P(*(None,) * split_dim, axis)
+    y_spec = P(*(None,) * (x.ndim - n_contract + split_dim - n_contract), axis)
     return jax.shard_map(lambda x_, w_i: jnp.tensordot(x_, w_i, n_contract),
                          mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(), w_spec),
-                         out_specs=y_spec, axis_names=set(_axes_tuple(axis)))(x, w)
+                         out_specs=y_spec, axis_names=set(axes_tuple(axis)))(x, w)
 
 
 class _Linear(nnx.Module):
@@ -223,7 +228,7 @@ class ParallelEmbed(nnx.Module):
 
 
 def _manual_lookup(ids: jax.Array, table: jax.Array, axis: MeshAxes) -> jax.Array:
-    axes = _axes_tuple(axis)
+    axes = axes_tuple(axis)
 
     def block(ids_: jax.Array, table_i: jax.Array) -> jax.Array:
         rows = table_i.shape[0]
@@ -263,8 +268,8 @@ class ParallelMLP(nnx.Module):
 class ParallelAttention(nnx.Module):
     """Multi-head attention with heads split over the tensor axis.
 
-    Q, K, V are column-parallel ``(embed, heads, kv)`` projections, so each device attends with
-    its own heads; the output projection ``(heads, kv, embed)`` is row-parallel (one psum).
+    Q, K, V come from one column-parallel ``(embed, 3, heads, kv)`` kernel, so each device
+    attends with its own heads; the output projection ``(heads, kv, embed)`` is row-parallel (one psum).
     Attention itself is ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPUs).
 
     Example:
@@ -285,17 +290,18 @@ class ParallelAttention(nnx.Module):
             head_dim = features // num_heads
         self.num_heads, self.head_dim, self.causal = num_heads, head_dim, causal
         self.mode, self.dtype = mode, dtype
-        shape_in, shape_out = (features, num_heads, head_dim), (num_heads, head_dim, features)
-        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
-                                                 out_axis=(1, 2))
+        shape_out = (num_heads, head_dim, features)
 
         def param(shape: Sequence[int], names: tuple[str, ...], fn: Initializer) -> nnx.Param:
             return named_param(fn(rngs.params(), shape, param_dtype), names)
 
-        proj_init = kernel_init if kernel_init is not default_kernel_init else init
-        self.query = param(shape_in, ("embed", "heads", "kv"), proj_init)
-        self.key = param(shape_in, ("embed", "heads", "kv"), proj_init)
-        self.value = param(shape_in, ("embed", "heads", "kv"), proj_init)
+        qkv_init = (kernel_init if kernel_init is not default_kernel_init else
+                    nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                      in_axis=0, out_axis=(2, 3),
+                                                      batch_axis=(1,)))
+        # q, k and v in one kernel: one matmul, and one all-reduce for the input's gradient
+        self.qkv = param((features, 3, num_heads, head_dim), ("embed", None, "heads", "kv"),
+                         qkv_init)
         out_init = (kernel_init if kernel_init is not default_kernel_init else
                     nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                       in_axis=(0, 1), out_axis=2))
@@ -307,12 +313,32 @@ class ParallelAttention(nnx.Module):
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         axis = param_axis("heads")
-        q, k, v = (constrain(column_parallel_matmul(x, w[...].astype(dtype), n_contract=1,
-                                                    axis=axis, mode=self.mode),
-                             _act_names(x.ndim + 1, "heads", "kv"))
-                   for w in (self.query, self.key, self.value))
+        qkv = column_parallel_matmul(x, self.qkv[...].astype(dtype), n_contract=1, axis=axis,
+                                     mode=self.mode, split_dim=2)
+        qkv = constrain(qkv, _act_names(qkv.ndim, None, "heads", "kv"))
+        q, k, v = (qkv[..., i, :, :] for i in range(3))
         o = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
         y = row_parallel_matmul(o, self.out[...].astype(dtype), n_contract=2, axis=axis,
                                 mode=self.mode)
         y = constrain(y, _act_names(y.ndim, "embed"))
         return y if self.out_bias is None else y + self.out_bias[...].astype(y.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square layer norm with a learned ``('embed',)`` scale, computed in float32.
+
+    Example:
+        >>> RMSNorm(64, rngs=nnx.Rngs(0))(jnp.ones((2, 64))).shape
+        (2, 64)
+    """
+
+    def __init__(self, features: int, *, eps: float = 1e-6, param_dtype: jnp.dtype = jnp.float32,
+                 rngs: nnx.Rngs | None = None) -> None:
+        del rngs  # deterministic init; accepted for a uniform constructor signature
+        self.eps = eps
+        self.scale = named_param(jnp.ones((features,), param_dtype), ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)

@@ -185,11 +185,12 @@ class ParamTable(list):
         from rich.table import Table
 
         table = Table(title="parameters")
-        for col in ("path", "shape", "dtype", "logical names", "spec", "total", "per device"):
+        table.add_column("path", no_wrap=True)
+        for col in ("shape", "dtype", "logical names", "spec", "total", "per device"):
             table.add_column(col, justify="right" if col in ("total", "per device") else "left")
         for r in self:
-            table.add_row(r.path, str(r.shape), r.dtype, str(r.names), str(r.spec),
-                          _human(r.bytes_total), _human(r.bytes_per_device))
+            table.add_row(r.path, "×".join(map(str, r.shape)), r.dtype, _dims(r.names),
+                          _dims(r.spec), _human(r.bytes_total), _human(r.bytes_per_device))
         table.add_row("total", "", "", "", "", _human(self.bytes_total),
                       _human(self.bytes_per_device), style="bold")
         return table
@@ -209,6 +210,14 @@ class ParamTable(list):
 
     def __rich__(self) -> Any:
         return self.rich_table()
+
+
+def _dims(entries: Any) -> str:
+    """('embed', None) -> 'embed,·' : compact, so the table fits a notebook's width."""
+    if entries is None:
+        return "-"
+    return ",".join("·" if e is None else "+".join(e) if isinstance(e, tuple) else str(e)
+                    for e in entries) or "replicated"
 
 
 def _itemsize(dtype: Any) -> int:

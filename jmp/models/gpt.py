@@ -1,0 +1,172 @@
+"""A decoder-only transformer (GPT) built from jmp's tensor-parallel layers.
+
+Vocabulary-parallel embedding and output head, pre-norm blocks of heads-parallel causal
+attention and a column->row MLP. Under a tensor-parallel strategy a block costs the Megatron
+count: 2 all-reduces over the model axis forward (attention output, MLP output) and 2 backward
+(the inputs' gradients of the fused qkv and the MLP up-projection).
+
+Example:
+    >>> cfg = GPTConfig.named("tiny")
+    >>> model = jmp.shard_init(lambda rngs: GPT(cfg, rngs=rngs), mesh, rules)
+    >>> logits = model(tokens)            # (batch, seq, vocab), split over vocab
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jmp.context import constrain
+from jmp.errors import ConfigError
+from jmp.layers import (
+    ColumnParallelLinear,
+    Mode,
+    ParallelAttention,
+    ParallelEmbed,
+    ParallelMLP,
+    RMSNorm,
+    named_param,
+)
+
+MODEL_SIZES: dict[str, dict[str, Any]] = {
+    # small enough for 8 simulated CPU devices on 2 cores
+    "tiny": dict(d_model=64, n_layers=2, n_heads=8, seq_len=64),
+    "small": dict(d_model=128, n_layers=4, n_heads=8, seq_len=128),
+    "medium": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024, vocab_size=1024, seq_len=128),
+    # for planning (jmp plan): shapes of well-known models
+    "1b": dict(d_model=2048, n_layers=24, n_heads=16, vocab_size=32000, seq_len=2048),
+    "7b": dict(d_model=4096, n_layers=32, n_heads=32, d_ff=11008, vocab_size=32000,
+               seq_len=2048),
+    "13b": dict(d_model=5120, n_layers=40, n_heads=40, d_ff=13824, vocab_size=32000,
+                seq_len=2048),
+    "70b": dict(d_model=8192, n_layers=80, n_heads=64, d_ff=28672, vocab_size=32000,
+                seq_len=4096),
+}
+
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Sizes and numerics of a :class:`GPT`; validated on creation.
+
+    Attributes:
+        dtype: compute dtype (``'bfloat16'`` on GPUs); parameters are kept in ``param_dtype``.
+        remat: recompute each block's activations in the backward pass (saves memory).
+        mode: ``'auto'`` or ``'manual'`` collectives in every parallel layer.
+    """
+
+    vocab_size: int = 256
+    seq_len: int = 128
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int | None = None  # default 4 * d_model
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+    mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        problems = [f"{name}={getattr(self, name)!r} must be a positive int"
+                    for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads")
+                    if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
+        if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
+            problems.append(f"d_ff={self.d_ff!r} must be a positive int or None")
+        if not problems and self.d_model % self.n_heads:
+            problems.append(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                problems.append(f"{name}={getattr(self, name)!r} must be one of {_DTYPES}")
+        if self.mode not in ("auto", "manual"):
+            problems.append(f"mode={self.mode!r} must be 'auto' or 'manual'")
+        if problems:
+            raise ConfigError("Invalid GPTConfig: " + "; ".join(problems) + ".")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @classmethod
+    def named(cls, name: str, /, **overrides: Any) -> GPTConfig:
+        """A named size (``tiny``, ``small``, ``medium``, ``1b``, ``7b``, ...) with overrides."""
+        if name not in MODEL_SIZES:
+            raise ConfigError(f"Unknown model size {name!r}; known: {', '.join(MODEL_SIZES)}.")
+        return cls(**{**MODEL_SIZES[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings included)."""
+        d, f, v = self.d_model, self.hidden, self.vocab_size
+        block = 3 * d * d + d * d + d + 2 * d * f + f + d + 2 * d
+        return v * d + self.seq_len * d + self.n_layers * block + d + d * v
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs) -> None:
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        mode: Mode = cfg.mode  # type: ignore[assignment]
+        self.norm1 = RMSNorm(cfg.d_model, param_dtype=pdtype)
+        self.attn = ParallelAttention(cfg.d_model, num_heads=cfg.n_heads, mode=mode,
+                                      dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.norm2 = RMSNorm(cfg.d_model, param_dtype=pdtype)
+        self.mlp = ParallelMLP(cfg.d_model, cfg.hidden, mode=mode, dtype=dtype,
+                               param_dtype=pdtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x))
+        return constrain(x + self.mlp(self.norm2(x)), ("batch", "seq", "embed"))
+
+
+class GPT(nnx.Module):
+    """Decoder-only transformer over byte (or any integer) tokens.
+
+    Example:
+        >>> model = GPT(GPTConfig.named("tiny"), rngs=nnx.Rngs(0))
+        >>> model(jnp.zeros((2, 64), jnp.int32)).shape
+        (2, 64, 256)
+    """
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs) -> None:
+        self.cfg = cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        mode: Mode = cfg.mode  # type: ignore[assignment]
+        self.embed = ParallelEmbed(cfg.vocab_size, cfg.d_model, mode=mode, dtype=dtype,
+                                   param_dtype=pdtype, rngs=rngs)
+        self.position = named_param(
+            nnx.initializers.normal(0.02)(rngs.params(), (cfg.seq_len, cfg.d_model), pdtype),
+            (None, "embed"))
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.d_model, param_dtype=pdtype)
+        self.head = ColumnParallelLinear(cfg.d_model, cfg.vocab_size, use_bias=False,
+                                         names=("embed", "vocab"), mode=mode, dtype=dtype,
+                                         param_dtype=pdtype,
+                                         kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Logits ``(batch, seq, vocab)`` (split over the vocabulary under tp)."""
+        seq = tokens.shape[-1]
+        if seq > self.cfg.seq_len:
+            raise ConfigError(f"sequence of {seq} tokens exceeds the model's seq_len="
+                              f"{self.cfg.seq_len}.")
+        x = self.embed(tokens) + self.position[:seq].astype(jnp.dtype(self.cfg.dtype))
+        x = constrain(x, ("batch", "seq", "embed"))
+        for block in self.blocks:
+            if self.cfg.remat:
+                x = nnx.remat(lambda b, h: b(h))(block, x)
+            else:
+                x = block(x)
+        return self.head(self.norm(x))

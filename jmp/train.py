@@ -1,0 +1,234 @@
+"""The compiled train step: one ``jax.jit`` (what pjit became) over (state, batch).
+
+``make_step`` splits an NNX model into a pure function, gives the jit explicit
+``in_shardings``/``out_shardings`` (parameters and optimizer state sharded alike) and donates the
+state, so it compiles once and updates in place. Gradient accumulation over microbatches runs
+inside the step with ``lax.scan``.
+
+Example:
+    >>> step = make_step(model, make_optimizer(TrainConfig()), mesh, rules)
+    >>> state = step.init_state()
+    >>> state, metrics = step(state, batch)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jmp.context import activate
+from jmp.data import batch_sharding
+from jmp.errors import ConfigError
+from jmp.losses import cross_entropy
+from jmp.rules import Rules
+from jmp.sharding import named_shardings
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization settings; validated on creation.
+
+    The default optimizer is AdamW with linear warmup, cosine decay to ``lr * min_lr_ratio``,
+    and global-norm gradient clipping.
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    microbatches: int = 1
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 4
+
+    def __post_init__(self) -> None:
+        problems = [f"{n}={getattr(self, n)!r} must be a positive int" for n in
+                    ("steps", "batch_size", "microbatches", "eval_every", "eval_batches")
+                    if not isinstance(getattr(self, n), int) or getattr(self, n) < 1]
+        if not self.lr > 0:
+            problems.append(f"lr={self.lr!r} must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if self.warmup_steps < 0 or self.clip_norm <= 0 or self.weight_decay < 0:
+            problems.append("warmup_steps and weight_decay must be >= 0, clip_norm > 0")
+        if not problems and self.batch_size % self.microbatches:
+            problems.append(f"microbatches={self.microbatches} must divide "
+                            f"batch_size={self.batch_size}")
+        if problems:
+            raise ConfigError("Invalid TrainConfig: " + "; ".join(problems) + ".")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def lr_schedule(cfg: TrainConfig, /) -> optax.Schedule:
+    """Linear warmup to ``cfg.lr``, then cosine decay to ``cfg.lr * cfg.min_lr_ratio``."""
+    warmup = min(cfg.warmup_steps, cfg.steps - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warmup, 1), max(cfg.steps, 2),
+                                              end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: TrainConfig, /) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on :func:`lr_schedule`."""
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                       optax.adamw(lr_schedule(cfg), b1=0.9, b2=0.95,
+                                   weight_decay=cfg.weight_decay))
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and writes: a pytree of (sharded) arrays."""
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+Batch = tuple[jax.Array, jax.Array]
+LossFn = Callable[[nnx.Module, Batch], jax.Array]
+
+
+def next_token_loss(model: nnx.Module, batch: Batch, /) -> jax.Array:
+    """Mean cross-entropy of the model's logits against the targets (vocabulary-parallel)."""
+    inputs, targets = batch
+    mode = getattr(getattr(model, "cfg", None), "mode", "auto")
+    return cross_entropy(model(inputs), targets, mode=mode)
+
+
+def check_batch(batch_size: int, microbatches: int, mesh: Mesh, rules: Rules) -> None:
+    """Raise if the (micro)batch does not split evenly over the mesh's batch axes."""
+    spec = rules.activation_spec(("batch",), mesh=mesh)
+    axes = spec[0] if spec else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    ways = 1
+    for a in axes:
+        ways *= mesh.shape[a]
+    micro = batch_size // microbatches
+    if micro % ways:
+        raise ConfigError(
+            f"Batch of {batch_size} in {microbatches} microbatch(es) gives {micro} rows, which "
+            f"the batch axes {axes} of size {ways} do not divide. Fix: use a batch size that is "
+            f"a multiple of {ways * microbatches}.")
+
+
+class Step:
+    """A compiled train step bound to a mesh: call it on (state, batch).
+
+    Attributes:
+        jitted: the ``jax.jit`` function (``.lower(state, batch)`` for inspection).
+        state_shardings: shardings of :class:`TrainState`, the jit's in and out shardings.
+    """
+
+    def __init__(self, jitted: Any, mesh: Mesh, init_state: Callable[[], TrainState],
+                 state_shardings: TrainState, batch_sharding: NamedSharding) -> None:
+        self.jitted, self.mesh = jitted, mesh
+        self.init_state = init_state
+        self.state_shardings, self.batch_sharding = state_shardings, batch_sharding
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        with jax.set_mesh(self.mesh):  # manual layers read the mesh from context at trace time
+            return self.jitted(state, batch)
+
+    def lower(self, state: TrainState, batch: Batch) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(state, batch)
+
+
+def _accumulate(grad_fn: Callable, params: nnx.State, batch: Batch,
+                microbatches: int) -> tuple[jax.Array, nnx.State]:
+    """Mean loss and gradients over ``microbatches`` slices of the batch (a ``lax.scan``)."""
+    if microbatches == 1:
+        return grad_fn(params, batch)
+    split = jax.tree.map(lambda a: a.reshape(microbatches, -1, *a.shape[1:]), batch)
+
+    def body(carry: tuple, micro: Batch) -> tuple[tuple, None]:
+        loss, grads = grad_fn(params, micro)
+        return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), split)
+    return loss / microbatches, jax.tree.map(lambda g: g / microbatches, grads)
+
+
+def make_step(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
+              rules: Rules, /, *, microbatches: int = 1, loss_fn: LossFn = next_token_loss,
+              schedule: optax.Schedule | None = None) -> Step:
+    """Compile-once train step for ``model`` (already sharded, e.g. by :func:`jmp.shard_init`).
+
+    Returns a :class:`Step`; ``step.init_state()`` builds the initial :class:`TrainState` from
+    the model's current parameters, with optimizer state sharded like the parameters.
+    Metrics: ``loss``, ``grad_norm`` and (if ``schedule`` is given) ``lr``.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    param_shardings = named_shardings(params, rules, mesh)
+    replicated = NamedSharding(mesh, P())
+    abstract_opt = jax.eval_shape(optimizer.init, params)
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, s: s, abstract_opt, param_shardings,
+        transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    state_shardings = TrainState(replicated, param_shardings, opt_shardings)
+    data_sharding = batch_sharding(mesh, rules)
+
+    def loss_of(params: nnx.State, batch: Batch) -> jax.Array:
+        return loss_fn(nnx.merge(graphdef, params, rest), batch)
+
+    grad_fn = jax.value_and_grad(loss_of)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        with activate(mesh, rules):
+            loss, grads = _accumulate(grad_fn, state.params, batch, microbatches)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    jitted = jax.jit(step, in_shardings=(state_shardings, (data_sharding, data_sharding)),
+                     out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+    def init_state() -> TrainState:
+        current = nnx.state(model, nnx.Param)
+        init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
+                       out_shardings=state_shardings)
+        return init(current)
+
+    return Step(jitted, mesh, init_state, state_shardings, data_sharding)
+
+
+def make_eval_step(model: nnx.Module, mesh: Mesh, rules: Rules, /, *,
+                   loss_fn: LossFn = next_token_loss) -> Callable[[nnx.State, Batch], jax.Array]:
+    """Compiled loss of (params, batch), for validation."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    param_shardings = named_shardings(params, rules, mesh)
+    data_sharding = batch_sharding(mesh, rules)
+
+    def evaluate(params: nnx.State, batch: Batch) -> jax.Array:
+        with activate(mesh, rules):
+            return loss_fn(nnx.merge(graphdef, params, rest), batch)
+
+    jitted = jax.jit(evaluate, in_shardings=(param_shardings, (data_sharding, data_sharding)),
+                     out_shardings=NamedSharding(mesh, P()))
+
+    def run(params: nnx.State, batch: Batch) -> jax.Array:
+        with jax.set_mesh(mesh):
+            return jitted(params, batch)
+
+    return run
+
+
+def merge_params(model: nnx.Module, params: nnx.State, /) -> nnx.Module:
+    """The model with its parameters replaced by ``params`` (e.g. after training)."""
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, params, rest)
