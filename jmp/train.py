@@ -168,7 +168,8 @@ def make_step(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: 
 
     Returns a :class:`Step`; ``step.init_state()`` builds the initial :class:`TrainState` from
     the model's current parameters, with optimizer state sharded like the parameters.
-    Metrics: ``loss``, ``grad_norm`` and (if ``schedule`` is given) ``lr``.
+    Metrics: ``loss``, ``grad_norm`` and (if ``schedule`` is given) ``lr``. An update whose
+    loss or gradient norm is not finite is not applied (parameters and optimizer state stay).
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_shardings = named_shardings(params, rules, mesh)
@@ -190,10 +191,16 @@ def make_step(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: 
             loss, grads = _accumulate(grad_fn, state.params, batch, microbatches)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        grad_norm = optax.global_norm(grads)
+        # A NaN/inf update is never applied: the state passes through unchanged (the loop
+        # then stops or skips). Done here because the input state was donated.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        metrics = {"loss": loss, "grad_norm": grad_norm}
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return TrainState(state.step + 1, keep(params, state.params),
+                          keep(opt_state, state.opt_state)), metrics
 
     jitted = jax.jit(step, in_shardings=(state_shardings, (data_sharding, data_sharding)),
                      out_shardings=(state_shardings, replicated), donate_argnums=0)

@@ -1,0 +1,215 @@
+"""The ``jmp`` command: train, generate, inspect, plan.
+
+Every error a user can cause ends with one line on stderr and exit code 2, never a traceback.
+
+Example:
+    $ jmp train --strategy dp_tp --mesh data=2,model=4 --steps 200
+    $ jmp generate --run runs/latest --prompt "def "
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+DEFAULT_MESH = {"dp": "data=-1", "fsdp": "data=-1", "tp": "model=-1", "dp_tp": "data=2,model=-1",
+                "fsdp_tp": "data=2,model=-1"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jmp", description="JAX model parallelism.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a GPT on a device mesh")
+    _add_model_args(train)
+    train.add_argument("--steps", type=int, default=600)
+    train.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
+    train.add_argument("--microbatches", type=int, default=1)
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--data", nargs="+", default=None,
+                       help="text files, folders or globs (default: Python stdlib sources)")
+    train.add_argument("--out", default=None, help="run folder (default runs/<time>)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--eval-every", type=int, default=100)
+    train.add_argument("--checkpoint-every", type=int, default=100)
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    train.add_argument("--skip-nonfinite", action="store_true",
+                       help="skip NaN/inf updates instead of stopping")
+    train.add_argument("--sample", type=int, default=200, help="bytes of text to sample at the end")
+
+    gen = sub.add_parser("generate", help="sample text from a trained run")
+    gen.add_argument("--run", required=True, help="run folder written by jmp train")
+    gen.add_argument("--prompt", default="def ")
+    gen.add_argument("--tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--devices", type=int, default=8)
+    return parser
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", default="dp_tp", help="dp | fsdp | tp | dp_tp | fsdp_tp")
+    p.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default per strategy)")
+    p.add_argument("--devices", type=int, default=8,
+                   help="CPU devices to simulate when no accelerator is present")
+    p.add_argument("--model", default="small", help="tiny | small | medium | ...")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default per model)")
+    p.add_argument("--mode", default="auto", choices=("auto", "manual"))
+    p.add_argument("--dtype", default="float32", help="compute dtype, e.g. bfloat16")
+    p.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
+
+
+def _start_devices(n: int) -> None:
+    """Simulate ``n`` CPU devices unless an accelerator is present (set before JAX starts)."""
+    import jax
+
+    from jmp.devices import simulate_cpu_devices
+
+    if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu"):
+        simulate_cpu_devices(n)
+    jax.devices()
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
+    import jmp
+    from jmp.models import GPTConfig
+
+    _start_devices(args.devices)
+    if args.strategy not in jmp.rules.STRATEGIES:
+        raise jmp.ConfigError(f"Unknown strategy {args.strategy!r}. Known: "
+                              f"{', '.join(jmp.rules.STRATEGIES)}.")
+    mesh_text = args.mesh or DEFAULT_MESH[args.strategy]
+    mesh = jmp.make_mesh(mesh_text)
+    rules = jmp.rules.preset(args.strategy, mesh)
+    overrides = {"mode": args.mode, "dtype": args.dtype, "remat": args.remat}
+    if args.seq:
+        overrides["seq_len"] = args.seq
+    cfg = GPTConfig.named(args.model, **overrides)
+    return mesh, rules, cfg, mesh_text
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    import jmp
+    from jmp.data import TextData
+    from jmp.generate import generate
+    from jmp.loop import run_training
+    from jmp.train import TrainConfig
+
+    mesh, rules, cfg, _ = _setup(args)
+    train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch,
+                            microbatches=args.microbatches, lr=args.lr, seed=args.seed,
+                            eval_every=args.eval_every)
+    out = os.path.abspath(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+    if args.resume and not os.path.isdir(out):
+        raise jmp.JmpError(f"--resume: run folder {out!r} does not exist. Fix: pass the --out "
+                           f"of an earlier run.")
+    os.makedirs(out, exist_ok=True)
+    console = Console()
+    shape = ",".join(f"{k}={v}" for k, v in mesh.shape.items())
+    console.print(f"[bold]jmp train[/] strategy={args.strategy} mesh={shape} "
+                  f"devices={mesh.size} ({mesh.devices.flat[0].platform}) model={args.model} "
+                  f"({cfg.num_params():,} params) out={out}")
+    data = TextData.from_paths(args.data)
+    meta = {"strategy": args.strategy, "mesh": shape}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"model": cfg.to_dict(), "train": train_cfg.to_dict(), **meta}, f, indent=2)
+    model_preview = jmp.shard_init(lambda rngs: jmp.models.GPT(cfg, rngs=rngs), mesh, rules,
+                                   seed=args.seed)
+    jmp.param_table(model_preview).print(console)
+    del model_preview
+    result = run_training(cfg, train_cfg, mesh, rules, data, out_dir=out, console=console,
+                          resume=args.resume, checkpoint_every=args.checkpoint_every,
+                          skip_nonfinite=args.skip_nonfinite, meta=meta)
+    console.print(f"train loss {result.train_loss:.3f}  validation loss {result.val_loss:.3f} "
+                  f"nats/byte  {result.tokens_per_s:,.0f} tokens/s"
+                  + (f"  skipped updates {result.skipped}" if result.skipped else ""))
+    if args.sample:
+        text = generate(result.model, "def ", mesh=mesh, rules=rules,
+                        max_new_tokens=args.sample)
+        console.print("[bold]sample[/] (greedy, prompt 'def '):")
+        console.print(text, markup=False, highlight=False)
+    _link_latest(out)
+    return 0
+
+
+def _link_latest(out: str) -> None:
+    link = os.path.join(os.path.dirname(out), "latest")
+    try:
+        if os.path.islink(link):
+            os.remove(link)
+        if not os.path.exists(link):
+            os.symlink(os.path.basename(out), link)
+    except OSError:
+        pass  # a convenience only
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import jax
+
+    import jmp
+    from jmp.checkpoint import Checkpointer, abstract_like
+    from jmp.generate import generate
+    from jmp.models import GPT, GPTConfig
+    from jmp.train import TrainConfig, make_optimizer, make_step, merge_params
+
+    run = os.path.abspath(args.run)
+    config_path = os.path.join(run, "config.json")
+    if not os.path.exists(config_path):
+        raise jmp.JmpError(f"{run!r} is not a run folder (no config.json). Fix: pass the --out "
+                           f"of a jmp train run.")
+    with open(config_path) as f:
+        saved = json.load(f)
+    _start_devices(args.devices)
+    cfg, train_cfg = GPTConfig(**saved["model"]), TrainConfig(**saved["train"])
+    mesh = jmp.make_mesh(saved["mesh"]) if _fits(saved["mesh"], jax.device_count()) else \
+        jmp.make_mesh("data=1,model=-1")
+    rules = jmp.rules.preset(saved["strategy"] if mesh.shape.get("data", 1) > 1 else "tp"
+                             if "data" not in mesh.shape else "dp_tp", mesh)
+    model = jmp.shard_init(lambda rngs: GPT(cfg, rngs=rngs), mesh, rules)
+    step = make_step(model, make_optimizer(train_cfg), mesh, rules)
+    ckpt = Checkpointer(os.path.join(run, "checkpoints"), create=False)
+    latest = ckpt.latest_step()
+    if latest is None:
+        raise jmp.JmpError(f"No checkpoint in {run!r}. Fix: train it first.")
+    target = abstract_like(jax.eval_shape(step.init_state), step.state_shardings)
+    state = ckpt.restore(latest, target=target)
+    text = generate(merge_params(model, state.params), args.prompt, mesh=mesh, rules=rules,
+                    max_new_tokens=args.tokens, temperature=args.temperature, seed=args.seed)
+    print(text)
+    return 0
+
+
+def _fits(mesh_text: str, n: int) -> bool:
+    import math
+
+    from jmp.mesh import parse_mesh_spec
+
+    return math.prod(parse_mesh_spec(mesh_text).values()) == n
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from jmp.errors import JmpError
+
+    try:
+        return COMMANDS[args.command](args)
+    except JmpError as err:
+        print(f"jmp {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jmp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
