@@ -111,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise jmp.JmpError(f"--resume: run folder {out!r} does not exist. Fix: pass the --out "
                            f"of an earlier run.")
     os.makedirs(out, exist_ok=True)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     shape = ",".join(f"{k}={v}" for k, v in mesh.shape.items())
     console.print(f"[bold]jmp train[/] strategy={args.strategy} mesh={shape} "
                   f"devices={mesh.size} ({mesh.devices.flat[0].platform}) model={args.model} "
@@ -132,8 +132,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                   + (f"  skipped updates {result.skipped}" if result.skipped else ""))
     if args.sample:
         text = generate(result.model, "def ", mesh=mesh, rules=rules,
-                        max_new_tokens=args.sample)
-        console.print("[bold]sample[/] (greedy, prompt 'def '):")
+                        max_new_tokens=args.sample, temperature=0.7, seed=args.seed)
+        console.print("[bold]sample[/] (temperature 0.7, prompt 'def '):")
         console.print(text, markup=False, highlight=False)
     _link_latest(out)
     return 0

@@ -216,12 +216,14 @@ class ParallelEmbed(nnx.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         table = self.embedding[...].astype(self.dtype or self.embedding[...].dtype)
         axis = param_axis(self.names[0])
-        if axis is None or self.mode == "auto":
+        if axis is None:
+            y = jnp.take(table, ids, axis=0)
+        elif self.mode == "auto":
             # A one-hot contraction over the split vocabulary is a row-parallel product: the
             # partitioner computes local partial sums and all-reduces them (no table gather).
             one_hot = jax.nn.one_hot(ids, self.num_embeddings, dtype=table.dtype)
             y = jnp.tensordot(constrain(one_hot, _act_names(one_hot.ndim, self.names[0])),
-                              table, 1) if axis is not None else jnp.take(table, ids, axis=0)
+                              table, 1)
         else:
             y = _manual_lookup(ids, table, axis)
         return constrain(y, _act_names(y.ndim, self.names[1]))
@@ -231,12 +233,11 @@ def _manual_lookup(ids: jax.Array, table: jax.Array, axis: MeshAxes) -> jax.Arra
     axes = axes_tuple(axis)
 
     def block(ids_: jax.Array, table_i: jax.Array) -> jax.Array:
-        rows = table_i.shape[0]
-        start = jax.lax.axis_index(axes) * rows
-        local = ids_ - start
-        hit = (local >= 0) & (local < rows)
-        y = jnp.take(table_i, jnp.clip(local, 0, rows - 1), axis=0)
-        return jax.lax.psum(jnp.where(hit[..., None], y, 0), axes)
+        start = jax.lax.axis_index(axes) * table_i.shape[0]
+        # one_hot of an id outside this slice is a zero row: ids held elsewhere contribute 0.
+        # A contraction (not a gather) also keeps the backward a local matmul, no scatter.
+        one_hot = jax.nn.one_hot(ids_ - start, table_i.shape[0], dtype=table_i.dtype)
+        return jax.lax.psum(jnp.tensordot(one_hot, table_i, 1), axes)
 
     return jax.shard_map(block, mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(), P(axis)),
                          out_specs=P(), axis_names=set(axes))(ids, table)

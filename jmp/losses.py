@@ -49,7 +49,7 @@ def token_losses(logits: jax.Array, targets: jax.Array, /, *, mode: Mode = "auto
     def block(logits_i: jax.Array, targets_: jax.Array) -> jax.Array:
         offset = jax.lax.axis_index(axes) * logits_i.shape[-1]
         local_max, picked = _local_terms(logits_i, targets_, offset)
-        top = jax.lax.stop_gradient(jax.lax.pmax(local_max, axes))
+        top = jax.lax.pmax(jax.lax.stop_gradient(local_max), axes)  # shift only: no gradient
         total = jax.lax.psum(jnp.sum(jnp.exp(logits_i - top[..., None]), axis=-1), axes)
         return jnp.log(total) + top - jax.lax.psum(picked, axes)
 

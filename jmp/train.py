@@ -191,7 +191,7 @@ def make_step(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: 
             loss, grads = _accumulate(grad_fn, state.params, batch, microbatches)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         # A NaN/inf update is never applied: the state passes through unchanged (the loop
         # then stops or skips). Done here because the input state was donated.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -143,7 +143,7 @@ def test_parallel_embed_matches_table_lookup(make_mesh, spec, mode):
 
 
 def _dense_attention(p, x, heads):
-    q, k, v = (jnp.einsum("bsd,dhk->bshk", x, p[n]) for n in ("wq", "wk", "wv"))
+    q, k, v = (jnp.einsum("bsd,dhk->bshk", x, p["qkv"][:, i]) for i in range(3))
     scores = jnp.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
     mask = np.tril(np.ones((x.shape[1], x.shape[1]), bool))
     probs = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
@@ -163,16 +163,17 @@ def test_parallel_attention_matches_dense_causal_attention(make_mesh, spec, mode
     x = batch_sharded(mesh, _random(1, (B, S, D)))
     probe = _random(2, (B, S, D))
     y, grads, x_grad, fwd, grad = forward_and_grads(attn, mesh, rules, x, probe)
-    params = {"wq": value(attn.query), "wk": value(attn.key), "wv": value(attn.value),
-              "wo": value(attn.out), "bo": value(attn.out_bias)}
+    params = {"qkv": value(attn.qkv), "wo": value(attn.out), "bo": value(attn.out_bias)}
     dense = lambda p, x: _dense_attention(p, x, heads)  # noqa: E731
     np.testing.assert_allclose(np.asarray(y), dense(params, np.asarray(x)), rtol=1e-4, atol=1e-5)
     ref = jax.grad(lambda p, x: (dense(p, x) * probe).sum(), argnums=(0, 1))(params,
                                                                             np.asarray(x))
-    for ours, name in ((grads["query"], "wq"), (grads["out"], "wo"), (grads["out_bias"], "bo")):
+    for ours, name in ((grads["qkv"], "qkv"), (grads["out"], "wo"), (grads["out_bias"], "bo")):
         np.testing.assert_allclose(value(ours), ref[0][name], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(value(x_grad), ref[1], rtol=1e-4, atol=1e-5)
     assert count(collectives(fwd, mesh), "all-reduce", ("model",)) == 1
+    # backward: one more, the input's gradient through the fused qkv projection
+    assert count(collectives(grad, mesh), "all-reduce", ("model",)) == 2
 
 
 def test_row_parallel_f64_is_near_exact(make_mesh):
