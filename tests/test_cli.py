@@ -1,0 +1,61 @@
+"""The jmp command end to end: train, generate, and one clear line + exit 2 for bad input."""
+
+import json
+import os
+
+import pytest
+
+from tests.cli_util import run_jmp
+
+TINY = ["--model", "tiny", "--batch", "8", "--eval-every", "5", "--sample", "20"]
+
+
+def test_train_then_generate(tmp_path):
+    out = str(tmp_path / "run")
+    done = run_jmp("train", *TINY, "--steps", "10", "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "strategy=dp_tp mesh=data=2,model=4" in done.stdout
+    assert "validation loss" in done.stdout and "tokens/s" in done.stdout
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert "val_loss" in rows[4] and "val_loss" in rows[9]
+    assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
+    gen = run_jmp("generate", "--run", out, "--prompt", "import ", "--tokens", "16")
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert gen.stdout.startswith("import ") and len(gen.stdout.rstrip("\n")) >= len("import ")
+
+
+@pytest.mark.parametrize("args,culprit", [
+    (["--mesh", "data=3,model=4"], "needs 12 devices but 8"),
+    (["--mesh", "data2"], "Malformed mesh spec"),
+    (["--strategy", "zero3"], "Unknown strategy 'zero3'"),
+    (["--batch", "7"], "multiple of 2"),
+    (["--model", "huge"], "Unknown model size 'huge'"),
+    (["--steps", "0"], "steps=0"),
+    (["--data", "/nonexistent/*.txt"], "matches no file"),
+    (["--strategy", "tp", "--mesh", "model=8", "--model", "tiny", "--seq", "64",
+      "--mode", "auto", "--dtype", "float8"], "dtype='float8'"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, culprit):
+    done = run_jmp("train", *TINY, "--steps", "2", "--out", str(tmp_path / "r"), *args,
+                   timeout=120)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert culprit in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_indivisible_dimension_names_the_parameter(tmp_path):
+    done = run_jmp("train", *TINY, "--steps", "2", "--strategy", "tp", "--mesh", "model=8",
+                   "--model", "tiny", "--out", str(tmp_path / "r"), timeout=120,
+                   env={})
+    assert done.returncode == 0, done.stderr[-2000:]  # tiny (8 heads) fits model=8
+    bad = run_jmp("train", "--model", "medium", "--strategy", "tp", "--mesh", "model=8",
+                  "--steps", "1", "--out", str(tmp_path / "m"), timeout=120)
+    assert bad.returncode == 2
+    assert "heads" in bad.stderr and "size 4" in bad.stderr and "size 8" in bad.stderr
+
+
+def test_generate_on_missing_run_is_a_clear_error(tmp_path):
+    done = run_jmp("generate", "--run", str(tmp_path / "nothing"), timeout=60)
+    assert done.returncode == 2 and "not a run folder" in done.stderr
