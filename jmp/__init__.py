@@ -7,7 +7,19 @@ Example:
     >>> rules = jmp.rules.preset("dp_tp", mesh)
 """
 
-from jmp import inspect, layers, mesh, rules
+from jmp import (
+    checkpoint,
+    data,
+    generate,
+    inspect,
+    layers,
+    loop,
+    losses,
+    mesh,
+    models,
+    rules,
+    train,
+)
 from jmp.context import activate, constrain
 from jmp.devices import simulate_cpu_devices
 from jmp.errors import ConfigError, DeviceError, JmpError, MeshError, ShardingError
@@ -23,6 +35,13 @@ from jmp.sharding import (
 
 __all__ = [
     "ConfigError",
+    "checkpoint",
+    "data",
+    "generate",
+    "loop",
+    "losses",
+    "models",
+    "train",
     "DeviceError",
     "JmpError",
     "MeshError",

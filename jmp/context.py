@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
-from jmp.rules import MeshAxes, Rules, resolve, raise_problems
+from jmp.rules import MeshAxes, Rules, raise_problems, resolve
 
 _RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("jmp_rules", default=None)
 

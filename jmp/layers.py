@@ -41,6 +41,7 @@ from jmp.rules import MeshAxes
 Mode = Literal["auto", "manual"]
 Initializer = Callable[..., jax.Array]
 default_kernel_init = nnx.initializers.lecun_normal()
+default_embedding_init = nnx.initializers.normal(0.02)
 
 
 def named_param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
@@ -205,7 +206,7 @@ class ParallelEmbed(nnx.Module):
     def __init__(self, num_embeddings: int, features: int, *, mode: Mode = "auto",
                  names: tuple[str, str] = ("vocab", "embed"), dtype: jnp.dtype | None = None,
                  param_dtype: jnp.dtype = jnp.float32,
-                 embedding_init: Initializer = nnx.initializers.normal(0.02),
+                 embedding_init: Initializer = default_embedding_init,
                  rngs: nnx.Rngs) -> None:
         _check_mode(mode)
         self.num_embeddings, self.features = num_embeddings, features
@@ -270,7 +271,8 @@ class ParallelAttention(nnx.Module):
     """Multi-head attention with heads split over the tensor axis.
 
     Q, K, V come from one column-parallel ``(embed, 3, heads, kv)`` kernel, so each device
-    attends with its own heads; the output projection ``(heads, kv, embed)`` is row-parallel (one psum).
+    attends with its own heads; the output projection ``(heads, kv, embed)`` is row-parallel
+    (one psum).
     Attention itself is ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPUs).
 
     Example:

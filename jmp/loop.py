@@ -90,7 +90,7 @@ def run_training(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rule
     metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if (  # noqa: SIM115
         out_dir and _is_main()) else None
     tokens = cfg.batch_size * model_cfg.seq_len
-    t_start, timed_steps = None, 0
+    t_start, timed_steps, eval_seconds = None, 0, 0.0
     try:
         with _progress(console, cfg.steps, start) as advance:
             for k in range(start, cfg.steps):
@@ -111,10 +111,13 @@ def run_training(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rule
                     t_start = time.perf_counter()
                 else:
                     timed_steps += 1
-                    row["tokens_per_s"] = tokens * timed_steps / (time.perf_counter() - t_start)
+                    elapsed = time.perf_counter() - t_start - eval_seconds
+                    row["tokens_per_s"] = tokens * timed_steps / elapsed
                 if (k + 1) % cfg.eval_every == 0 or k + 1 == cfg.steps:
+                    t_eval = time.perf_counter()
                     row["val_loss"] = evaluate(eval_step, state.params, data, cfg=cfg,
                                                seq_len=model_cfg.seq_len, mesh=mesh, rules=rules)
+                    eval_seconds += time.perf_counter() - t_eval  # throughput is training only
                 history.append(row)
                 if metrics_file:
                     metrics_file.write(json.dumps(row) + "\n")
@@ -142,10 +145,11 @@ def _initial_state(step_fn: Any, ckpt: Checkpointer | None, resume: bool, model_
     state = step_fn.init_state()
     if not resume:
         return state, 0, []
-    if ckpt is None or ckpt.latest_step() is None:
-        raise CheckpointError(f"--resume: no checkpoint found in {out_dir!r}. Fix: check --out, "
-                              f"or train without --resume first.")
+    if ckpt is None:
+        raise CheckpointError("resume needs an out_dir holding checkpoints.")
     step = ckpt.latest_step()
+    if step is None:  # killed before its first checkpoint was committed: start over, exactly
+        return state, 0, _read_history(out_dir, 0)
     saved = ckpt.meta(step).get("model")
     if saved != model_cfg.to_dict():
         raise CheckpointError(f"Checkpoint step {step} in {out_dir!r} is of another model "
@@ -214,12 +218,10 @@ class _progress:
 
 def plot_losses(history: list[dict[str, float]], path: str, /) -> None:
     """Train and validation loss against step, as a PNG."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: leaves a notebook's backend alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train")
     val = [r for r in history if "val_loss" in r]
     ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
@@ -229,4 +231,3 @@ def plot_losses(history: list[dict[str, float]], path: str, /) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

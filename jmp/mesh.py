@@ -33,7 +33,8 @@ def parse_mesh_spec(spec: MeshSpec, /) -> dict[str, int]:
         items = [_parse_item(part, spec) for part in spec.split(",") if part.strip()]
     else:
         raise MeshError(
-            f"Mesh spec must be a string like 'data=2,model=4' or a dict, got {type(spec).__name__}."
+            f"Mesh spec must be a string like 'data=2,model=4' or a dict, "
+            f"got {type(spec).__name__}."
         )
     if not items:
         raise MeshError(f"Mesh spec {spec!r} names no axes. Example: 'data=2,model=4'.")

@@ -1,0 +1,182 @@
+"""Checkpoints: exact resume after SIGKILL, restore onto other meshes, refusal of bad input."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import jmp
+from jmp.checkpoint import Checkpointer, CheckpointError, abstract_like
+from jmp.data import TextData
+from jmp.loop import run_training
+from jmp.models import GPT, GPTConfig
+from jmp.train import TrainConfig, make_eval_step, make_optimizer, make_step
+from tests.cli_util import run_jmp
+
+TINY = ["--model", "tiny", "--batch", "8", "--eval-every", "100", "--sample", "0"]
+
+
+def _losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def _final_params(out, mesh, rules, cfg, train_cfg):
+    model = jmp.shard_init(lambda rngs: GPT(cfg, rngs=rngs), mesh, rules)
+    step = make_step(model, make_optimizer(train_cfg), mesh, rules)
+    ckpt = Checkpointer(os.path.join(out, "checkpoints"), create=False)
+    target = abstract_like(jax.eval_shape(step.init_state), step.state_shardings)
+    state = ckpt.restore(ckpt.latest_step(), target=target)
+    ckpt.close()
+    return jax.tree.map(np.asarray, state.params)
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, make_mesh):
+    steps = 40  # enough steps that the kill lands mid-run
+    args = [*TINY, "--steps", str(steps), "--checkpoint-every", "4"]
+    whole = str(tmp_path / "whole")
+    done = run_jmp("train", *args, "--out", whole)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    killed = str(tmp_path / "killed")
+    kill_after = random.Random().randint(6, 20)  # a random step, between checkpoints or not
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen([sys.executable, "-m", "jmp.cli", "train", *args, "--out", killed],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    metrics = os.path.join(killed, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        committed = os.path.exists(os.path.join(killed, "checkpoints", "4", "commit_success.txt"))
+        if committed and os.path.exists(metrics) and len(open(metrics).readlines()) >= kill_after:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert len(_losses(killed)) < steps
+    print(f"killed after {len(_losses(killed))} logged steps")
+
+    resumed = run_jmp("train", *args, "--out", killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _losses(killed) == _losses(whole)  # the curve continues identically, bitwise
+    mesh = make_mesh("data=2,model=4")
+    rules = jmp.rules.preset("dp_tp", mesh)
+    cfg, train_cfg = GPTConfig.named("tiny"), TrainConfig(steps=steps, batch_size=8)
+    a = _final_params(whole, mesh, rules, cfg, train_cfg)
+    b = _final_params(killed, mesh, rules, cfg, train_cfg)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+DATA = TextData.from_tokens(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8))
+CFG = GPTConfig.named("tiny")
+
+
+def _train_and_save(tmp_path, mesh, rules, steps=3):
+    cfg = TrainConfig(steps=steps, batch_size=8, eval_every=100)
+    out = str(tmp_path / "saved")
+    result = run_training(CFG, cfg, mesh, rules, DATA, out_dir=out)
+    return out, cfg, result
+
+
+@pytest.mark.parametrize("strategy,spec", [("fsdp", "data=8"), ("tp", "model=8"),
+                                           ("fsdp_tp", "data=4,model=2")])
+def test_restore_onto_another_mesh_and_strategy(tmp_path, make_mesh, strategy, spec):
+    src_mesh = make_mesh("data=2,model=4")
+    src_rules = jmp.rules.preset("dp_tp", src_mesh)
+    out, train_cfg, saved = _train_and_save(tmp_path, src_mesh, src_rules)
+
+    mesh = make_mesh(spec)
+    rules = jmp.rules.preset(strategy, mesh)
+    model = jmp.shard_init(lambda rngs: GPT(CFG, rngs=rngs), mesh, rules, seed=1)
+    step = make_step(model, make_optimizer(train_cfg), mesh, rules)
+    ckpt = Checkpointer(os.path.join(out, "checkpoints"), create=False)
+    target = abstract_like(jax.eval_shape(step.init_state), step.state_shardings)
+    state = ckpt.restore(ckpt.latest_step(), target=target)
+    ckpt.close()
+    assert int(state.step) == 3
+    for got, want, sharding in zip(jax.tree.leaves(state.params),
+                                   jax.tree.leaves(saved.state.params),
+                                   jax.tree.leaves(step.state_shardings.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert got.sharding.is_equivalent_to(sharding, got.ndim)
+    # the next step's loss agrees with the one computed on the original mesh
+    batch = DATA.batch(3, batch_size=8, seq_len=CFG.seq_len, mesh=mesh, rules=rules)
+    src_batch = DATA.batch(3, batch_size=8, seq_len=CFG.seq_len, mesh=src_mesh, rules=src_rules)
+    here = make_eval_step(model, mesh, rules)(state.params, batch)
+    there = make_eval_step(saved.model, src_mesh, src_rules)(saved.state.params, src_batch)
+    np.testing.assert_allclose(float(here), float(there), rtol=1e-5)
+
+
+def test_same_seed_same_curve(tmp_path, make_mesh):
+    mesh = make_mesh("data=2,model=4")
+    rules = jmp.rules.preset("dp_tp", mesh)
+    cfg = TrainConfig(steps=4, batch_size=8, eval_every=100)
+    first = run_training(CFG, cfg, mesh, rules, DATA)
+    second = run_training(CFG, cfg, mesh, rules, DATA)
+    assert [r["loss"] for r in first.history] == [r["loss"] for r in second.history]
+
+
+def test_leftover_temporary_folder_of_an_interrupted_save_is_ignored(tmp_path, make_mesh):
+    """A save killed midway leaves orbax's *.orbax-checkpoint-tmp-* folder: resume ignores it."""
+    mesh = make_mesh("data=2,model=4")
+    rules = jmp.rules.preset("dp_tp", mesh)
+    out, train_cfg, saved = _train_and_save(tmp_path, mesh, rules)
+    ckpt_dir = os.path.join(out, "checkpoints")
+    partial = os.path.join(ckpt_dir, "9.orbax-checkpoint-tmp-1234")
+    shutil.copytree(os.path.join(ckpt_dir, "3"), partial)
+    os.remove(os.path.join(partial, "commit_success.txt"))
+    ckpt = Checkpointer(ckpt_dir, create=False)
+    assert ckpt.latest_step() == 3
+    ckpt.close()
+    resumed = run_training(CFG, TrainConfig(steps=5, batch_size=8, eval_every=100), mesh, rules,
+                           DATA, out_dir=out, resume=True)
+    assert [r["step"] for r in resumed.history] == [1, 2, 3, 4, 5]
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, make_mesh):
+    mesh = make_mesh("data=2,model=4")
+    rules = jmp.rules.preset("dp_tp", mesh)
+    out, train_cfg, _ = _train_and_save(tmp_path, mesh, rules)
+    state_dir = os.path.join(out, "checkpoints", "3", "state")
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            if name != "commit_success.txt":
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.truncate(7)  # truncated files, as after a full disk
+    with pytest.raises(CheckpointError, match="Cannot restore checkpoint step 3"):
+        run_training(CFG, TrainConfig(steps=5, batch_size=8, eval_every=100), mesh, rules, DATA,
+                     out_dir=out, resume=True)
+
+
+def test_cli_resume_errors(tmp_path):
+    missing = run_jmp("train", *TINY, "--steps", "2", "--out", str(tmp_path / "nope"),
+                      "--resume", timeout=120)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    out = str(tmp_path / "run")
+    assert run_jmp("train", *TINY, "--steps", "2", "--out", out).returncode == 0
+    other = run_jmp("train", "--model", "small", "--batch", "8", "--sample", "0", "--steps", "3",
+                    "--out", out, "--resume", timeout=120)
+    assert other.returncode == 2 and "another model config" in other.stderr
+    assert "Traceback" not in other.stderr
+    # resume on another mesh and strategy through the CLI
+    moved = run_jmp("train", *TINY, "--steps", "3", "--out", out, "--resume",
+                    "--strategy", "fsdp", "--mesh", "data=8", timeout=120)
+    assert moved.returncode == 0, moved.stderr[-2000:]
+    assert len(_losses(out)) == 3
+
+
+def test_empty_data_file_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    done = run_jmp("train", *TINY, "--steps", "2", "--out", str(tmp_path / "r"), "--data",
+                   str(empty), timeout=120)
+    assert done.returncode == 2 and "train split has" in done.stderr, done.stderr
