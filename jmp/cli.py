@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="skip NaN/inf updates instead of stopping")
     train.add_argument("--sample", type=int, default=200, help="bytes of text to sample at the end")
 
+    ins = sub.add_parser("inspect", help="compile a train step and show what XLA did")
+    _add_model_args(ins)
+    ins.add_argument("--batch", type=int, default=16)
+    ins.add_argument("--microbatches", type=int, default=1)
+
     gen = sub.add_parser("generate", help="sample text from a trained run")
     gen.add_argument("--run", required=True, help="run folder written by jmp train")
     gen.add_argument("--prompt", default="def ")
@@ -178,7 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     latest = ckpt.latest_step()
     if latest is None:
         raise jmp.JmpError(f"No checkpoint in {run!r}. Fix: train it first.")
-    target = abstract_like(jax.eval_shape(step.init_state), step.state_shardings)
+    target = step.abstract_state()
     state = ckpt.restore(latest, target=target)
     text = generate(merge_params(model, state.params), args.prompt, mesh=mesh, rules=rules,
                     max_new_tokens=args.tokens, temperature=args.temperature, seed=args.seed)
@@ -194,7 +199,37 @@ def _fits(mesh_text: str, n: int) -> bool:
     return math.prod(parse_mesh_spec(mesh_text).values()) == n
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate}
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Compile (not run) the train step from abstract shapes: works for models of any size."""
+    from flax import nnx
+    from rich.console import Console
+
+    import jmp
+    from jmp.models import GPT
+    from jmp.train import TrainConfig, check_batch, make_optimizer, make_step
+
+    mesh, rules, cfg, mesh_text = _setup(args)
+    check_batch(args.batch, args.microbatches, mesh, rules)
+    abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    console.print(f"[bold]jmp inspect[/] model={args.model} ({cfg.num_params():,} params) "
+                  f"strategy={args.strategy} mesh={mesh_text} batch={args.batch}x{cfg.seq_len}")
+    step = make_step(abstract, make_optimizer(TrainConfig()), mesh, rules,
+                     microbatches=args.microbatches)
+    start = time.perf_counter()
+    compiled = step.lower(step.abstract_state(),
+                          step.abstract_batch(args.batch, cfg.seq_len)).compile()
+    console.print(f"compiled in {time.perf_counter() - start:.1f} s")
+    rows = jmp.param_table(step.abstract_state().params)
+    console.print(f"parameters: {rows.bytes_total / 2**20:.2f} MiB in all, "
+                  f"{rows.bytes_per_device / 2**20:.2f} MiB per device")
+    console.print(jmp.inspect.collectives_table(jmp.inspect.collectives(compiled, mesh)))
+    console.print(jmp.inspect.memory_table(jmp.inspect.memory(compiled),
+                                           flops_per_device=jmp.inspect.flops(compiled)))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "inspect": cmd_inspect}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

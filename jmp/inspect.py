@@ -215,3 +215,41 @@ def flops(compiled: Any, /) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     return float(cost.get("flops", 0.0))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def collectives_table(found: Iterable[Collective], /, *, title: str = "collectives") -> Any:
+    """A rich table: one row per (kind, mesh axes) with ops per step and bytes per device."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("kind", "mesh axes", "ops / step", "bytes / step / device"):
+        table.add_column(col, justify="left" if col in ("kind", "mesh axes") else "right")
+    rows = summary(found)
+    for (kind, axes), row in sorted(rows.items()):
+        table.add_row(kind, ",".join(axes) or "-", str(row["count"]), _human(row["bytes"]))
+    if not rows:
+        table.add_row("(none)", "", "0", "0 B")
+    return table
+
+
+def memory_table(mem: Memory, /, *, flops_per_device: float | None = None,
+                 title: str = "memory per device") -> Any:
+    """A rich table of :class:`Memory` (and FLOPs, when given)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("what")
+    table.add_column("per device", justify="right")
+    for name in Memory._fields:
+        table.add_row(name, _human(getattr(mem, name)))
+    if flops_per_device is not None:
+        table.add_row("FLOPs / step", f"{flops_per_device:.3e}")
+    return table

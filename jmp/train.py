@@ -9,6 +9,9 @@ Example:
     >>> step = make_step(model, make_optimizer(TrainConfig()), mesh, rules)
     >>> state = step.init_state()
     >>> state, metrics = step(state, batch)
+
+``model`` may also be abstract (``nnx.eval_shape``): ``step.lower(step.abstract_state(),
+step.abstract_batch(b, s))`` then compiles a 7B model's step for inspection without allocating.
 """
 
 from __future__ import annotations
@@ -131,10 +134,16 @@ class Step:
     """
 
     def __init__(self, jitted: Any, mesh: Mesh, init_state: Callable[[], TrainState],
-                 state_shardings: TrainState, batch_sharding: NamedSharding) -> None:
+                 abstract_state: Callable[[], TrainState], state_shardings: TrainState,
+                 batch_sharding: NamedSharding) -> None:
         self.jitted, self.mesh = jitted, mesh
-        self.init_state = init_state
+        self.init_state, self.abstract_state = init_state, abstract_state
         self.state_shardings, self.batch_sharding = state_shardings, batch_sharding
+
+    def abstract_batch(self, batch_size: int, seq_len: int) -> Batch:
+        """Shapes, dtypes and shardings of a token batch, for :meth:`lower` without data."""
+        spec = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.batch_sharding)
+        return spec, spec
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         with jax.set_mesh(self.mesh):  # manual layers read the mesh from context at trace time
@@ -205,13 +214,19 @@ def make_step(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: 
     jitted = jax.jit(step, in_shardings=(state_shardings, (data_sharding, data_sharding)),
                      out_shardings=(state_shardings, replicated), donate_argnums=0)
 
-    def init_state() -> TrainState:
-        current = nnx.state(model, nnx.Param)
-        init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
-                       out_shardings=state_shardings)
-        return init(current)
+    def fresh(params: nnx.State) -> TrainState:
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
-    return Step(jitted, mesh, init_state, state_shardings, data_sharding)
+    def init_state() -> TrainState:
+        return jax.jit(fresh, out_shardings=state_shardings)(nnx.state(model, nnx.Param))
+
+    def abstract_state() -> TrainState:
+        """Shapes, dtypes and shardings of the state; allocates nothing (also for big models)."""
+        shapes = jax.eval_shape(fresh, params)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            shapes, state_shardings)
+
+    return Step(jitted, mesh, init_state, abstract_state, state_shardings, data_sharding)
 
 
 def make_eval_step(model: nnx.Module, mesh: Mesh, rules: Rules, /, *,

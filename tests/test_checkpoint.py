@@ -33,7 +33,7 @@ def _final_params(out, mesh, rules, cfg, train_cfg):
     model = jmp.shard_init(lambda rngs: GPT(cfg, rngs=rngs), mesh, rules)
     step = make_step(model, make_optimizer(train_cfg), mesh, rules)
     ckpt = Checkpointer(os.path.join(out, "checkpoints"), create=False)
-    target = abstract_like(jax.eval_shape(step.init_state), step.state_shardings)
+    target = step.abstract_state()
     state = ckpt.restore(ckpt.latest_step(), target=target)
     ckpt.close()
     return jax.tree.map(np.asarray, state.params)
@@ -99,7 +99,7 @@ def test_restore_onto_another_mesh_and_strategy(tmp_path, make_mesh, strategy, s
     model = jmp.shard_init(lambda rngs: GPT(CFG, rngs=rngs), mesh, rules, seed=1)
     step = make_step(model, make_optimizer(train_cfg), mesh, rules)
     ckpt = Checkpointer(os.path.join(out, "checkpoints"), create=False)
-    target = abstract_like(jax.eval_shape(step.init_state), step.state_shardings)
+    target = step.abstract_state()
     state = ckpt.restore(ckpt.latest_step(), target=target)
     ckpt.close()
     assert int(state.step) == 3

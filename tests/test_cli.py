@@ -59,3 +59,12 @@ def test_indivisible_dimension_names_the_parameter(tmp_path):
 def test_generate_on_missing_run_is_a_clear_error(tmp_path):
     done = run_jmp("generate", "--run", str(tmp_path / "nothing"), timeout=60)
     assert done.returncode == 2 and "not a run folder" in done.stderr
+
+
+def test_inspect_prints_collectives_and_memory_without_training():
+    done = run_jmp("inspect", "--model", "tiny", "--strategy", "dp_tp", "--mesh",
+                   "data=2,model=4", "--batch", "8", timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "collectives" in out and "all-reduce" in out and "model" in out
+    assert "temporaries" in out and "FLOPs / step" in out
