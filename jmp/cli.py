@@ -159,7 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import jax
 
     import jmp
-    from jmp.checkpoint import Checkpointer, abstract_like
+    from jmp.checkpoint import Checkpointer
     from jmp.generate import generate
     from jmp.models import GPT, GPTConfig
     from jmp.train import TrainConfig, make_optimizer, make_step, merge_params

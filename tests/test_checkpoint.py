@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jmp
-from jmp.checkpoint import Checkpointer, CheckpointError, abstract_like
+from jmp.checkpoint import Checkpointer, CheckpointError
 from jmp.data import TextData
 from jmp.loop import run_training
 from jmp.models import GPT, GPTConfig
