@@ -1,0 +1,291 @@
+"""jmp.plan against what XLA compiles.
+
+The key check: for every strategy and several model shapes, compile the real train step on 8
+simulated CPU devices and compare the planner's bytes per mesh axis with the collectives
+``jmp.inspect`` finds in the HLO (within 5%), and its parameter + optimizer memory with the
+compiled step's argument size (within 10%). Then the search (ranking, filtering with jmp's own
+strict resolution) and bad input.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import jmp
+from jmp import plan
+from jmp.data import TextData
+from jmp.models.gpt import GPT, GPTConfig
+from jmp.sharding import _path_str, logical_names
+from jmp.train import TrainConfig, make_optimizer, make_step
+
+MESHES = {"dp": "data=8", "fsdp": "data=8", "tp": "model=8", "dp_tp": "data=2,model=4",
+          "fsdp_tp": "data=2,model=4"}
+MODELS = {
+    "tiny": GPTConfig.named("tiny"),  # d=64, 2 layers, 8 heads, vocab 256, seq 64
+    "wide": GPTConfig(vocab_size=512, seq_len=32, d_model=128, n_layers=3, n_heads=8, d_ff=384),
+    "narrow": GPTConfig(vocab_size=384, seq_len=48, d_model=96, n_layers=1, n_heads=8),
+}
+BATCH = 16
+
+_MB_XFAIL = pytest.mark.xfail(strict=True, reason=(
+    "jmp/train.py _accumulate splits the batch with reshape(microbatches, -1): microbatch i is "
+    "rows [i*B/m, (i+1)*B/m), held by only some of the data devices, so XLA moves activations "
+    "between devices every iteration (collective-permutes and all-gathers the planner does not "
+    "model: +12% over 'data' here). A strided split, reshape(-1, m).swapaxes(0, 1), moves "
+    "nothing and matches the planner exactly."))
+
+CASES = [pytest.param(m, s, {}, id=f"{m}-{s}") for m in MODELS for s in MESHES]
+CASES += [pytest.param("tiny", s, {"remat": True}, id=f"tiny-{s}-remat")
+          for s in ("fsdp", "dp_tp", "fsdp_tp")]
+CASES += [pytest.param("tiny", s, {"microbatches": 2}, id=f"tiny-{s}-mb2",
+                       marks=[_MB_XFAIL] if s == "dp" else [])
+          for s in MESHES]
+CASES += [pytest.param("tiny", "fsdp_tp", {"dtype": "bfloat16", "param_dtype": "bfloat16"},
+                       id="tiny-fsdp_tp-bf16"),
+          pytest.param("tiny", "fsdp", {"seq_len": 32}, id="tiny-fsdp-seq32")]
+
+
+# --- reading the compiled HLO ------------------------------------------------------------------
+# Two forms of current XLA HLO that jmp.inspect (jmp/inspect.py) does not parse yet; until it
+# does, the text is normalized here into equivalent forms it reads correctly (see the xfail tests
+# at the end of this file, which pass once inspect handles the original text):
+#  1. replica_groups=mesh[...], device_ids=([2,4]T(1,0)) {...}: inspect falls back to "all axes"
+#     (e.g. reports a gradient all-reduce over data as over ('data', 'model')). Rewritten as the
+#     explicit list of device groups.
+#  2. /*index=5*/ comments in a computation's header (tuple parameters of 5+ elements): the
+#     header is not recognized, so collectives in a while body (the microbatch loop) are counted
+#     once instead of once per iteration. The comments are dropped.
+
+_DEVICE_IDS = re.compile(r"replica_groups=mesh\[([^\]]*)\],\s*device_ids=\(\[([\d,]+)\]"
+                         r"(?:T\(([\d,]+)\))?\)\s*\{([^}]*)\}")
+
+
+def _explicit_groups(m: re.Match) -> str:
+    axes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+    sizes = [int(n) for _, n in axes]
+    ids = np.arange(math.prod(sizes)).reshape([int(v) for v in m.group(2).split(",")])
+    if m.group(3):
+        ids = ids.transpose([int(v) for v in m.group(3).split(",")])
+    ids = ids.reshape(sizes)
+    chosen = set(re.findall(r"'([^']+)'", m.group(4)))
+    inner = [i for i, (a, _) in enumerate(axes) if a in chosen]
+    outer = [i for i in range(len(axes)) if i not in inner]
+    groups = ids.transpose(outer + inner).reshape(-1, math.prod(sizes[i] for i in inner))
+    return "replica_groups={" + ",".join("{" + ",".join(map(str, g)) + "}" for g in groups) + "}"
+
+
+def normalized_hlo(compiled) -> str:
+    text = _DEVICE_IDS.sub(_explicit_groups, compiled.as_text())
+    return re.sub(r"/\*index=\d+\*/", "", text)
+
+
+def measured_per_axis(found) -> dict[str, int]:
+    out: Counter = Counter()
+    for c in found:
+        out[",".join(c.axes)] += c.total_bytes
+    return dict(out)
+
+
+def describe_measured(found) -> str:
+    grouped: Counter = Counter()
+    for c in found:
+        grouped[(c.kind, c.axes, c.bytes)] += c.count
+    return "\n".join(f"  {k:14s} {a!s:20s} {b:>12,d} B x{n}"
+                     for (k, a, b), n in sorted(grouped.items(), key=lambda kv: -kv[0][2]))
+
+
+# --- the key check -----------------------------------------------------------------------------
+
+
+def _compile(cfg: GPTConfig, strategy: str, make_mesh, microbatches: int, seq_len: int):
+    mesh = make_mesh(MESHES[strategy])
+    rules = jmp.rules.preset(strategy, mesh)
+    model = jmp.shard_init(lambda r: GPT(cfg, rngs=r), mesh, rules)
+    step = make_step(model, make_optimizer(TrainConfig(batch_size=BATCH)), mesh, rules,
+                     microbatches=microbatches)
+    state = step.init_state()
+    tokens = np.random.default_rng(0).integers(0, 256, 20_000).astype(np.uint8)
+    batch = TextData.from_tokens(tokens).batch(0, batch_size=BATCH, seq_len=seq_len,
+                                               mesh=mesh, rules=rules)
+    compiled = step.lower(state, batch).compile()
+    batch_bytes = sum(x.addressable_shards[0].data.nbytes for x in batch)
+    return mesh, compiled, batch_bytes
+
+
+@pytest.mark.parametrize(("model", "strategy", "options"), CASES)
+def test_prediction_matches_compiled_step(model, strategy, options, make_mesh):
+    options = dict(options)
+    microbatches = options.pop("microbatches", 1)
+    seq_len = options.pop("seq_len", MODELS[model].seq_len)  # shorter: uses part of `position`
+    cfg = GPTConfig(**{**MODELS[model].to_dict(), **options})
+    mesh, compiled, batch_bytes = _compile(cfg, strategy, make_mesh, microbatches, seq_len)
+    est = plan.estimate(cfg, dict(mesh.shape), strategy, batch_size=BATCH, seq_len=seq_len,
+                        microbatches=microbatches, device="cpu")
+
+    found = jmp.inspect.collectives(normalized_hlo(compiled), mesh)
+    measured = measured_per_axis(found)
+    bad = {a: (est.comm_bytes.get(a, 0), measured.get(a, 0))
+           for a in set(est.comm_bytes) | set(measured)
+           if abs(est.comm_bytes.get(a, 0) - measured.get(a, 0)) > 0.05 * measured.get(a, 0)}
+    assert not bad, (
+        f"{model} {strategy} {options or ''} mb={microbatches}: bytes per axis "
+        f"(predicted, measured) differ by more than 5%: {bad}\n"
+        f"measured collectives (kind, axes, bytes, count):\n{describe_measured(found)}\n"
+        f"predicted:\n{est.comm_report()}")
+
+    memory = jmp.inspect.memory(compiled)
+    state = memory.arguments - batch_bytes
+    assert abs(est.state_bytes - state) <= 0.10 * state, (
+        f"params+optimizer: predicted {est.state_bytes:,d} B (params {est.params_bytes:,d}, "
+        f"optimizer {est.optimizer_bytes:,d}), compiled arguments minus batch {state:,d} B")
+    # Activations are an estimate, not a match: XLA's temporaries also hold optimizer-update
+    # intermediates and its own copies. Check only that the order of magnitude is right (not
+    # with remat: at these sizes XLA:CPU's temporaries do not shrink with it, the model's do).
+    working = est.grads_bytes + est.activations_bytes + est.gathered_bytes
+    if not cfg.remat:
+        assert 0.45 <= working / memory.temporaries <= 1.5, (working, memory.temporaries)
+
+
+# --- the model's parameters --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["tiny", "wide"])
+def test_param_arrays_are_the_models(model):
+    cfg = MODELS[model]
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    real = {}
+    jax.tree_util.tree_map_with_path(
+        lambda p, v: real.setdefault(_path_str(p), (tuple(v.get_raw_value().shape),
+                                                    logical_names(v))),
+        nnx.state(abstract, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    predicted = {a.path: (a.shape, a.names) for a in plan.param_arrays(cfg)}
+    assert predicted == real
+    assert sum(math.prod(s) for s, _ in predicted.values()) == cfg.num_params()
+
+
+# --- estimate details --------------------------------------------------------------------------
+
+
+def test_estimate_times_and_fields():
+    est = plan.estimate(GPTConfig.named("tiny"), {"data": 2, "model": 4}, "dp_tp",
+                        batch_size=8, device="h100")
+    assert est.step_time == pytest.approx(est.compute_time + est.comm_time)
+    assert 0 < est.mfu <= 1 and est.fits
+    assert est.total_bytes == (est.params_bytes + est.grads_bytes + est.optimizer_bytes + 4
+                               + est.activations_bytes + est.gathered_bytes)
+    assert {c.axis for c in est.comm} == {"data", "model"}
+    assert any("layer 1 MLP down row-parallel forward" in c.what for c in est.comm)
+    for words in ("/device of", "communicated per step", "compute +", "MFU"):
+        assert words in est.reason
+
+
+def test_gpu_reduce_scatters_fsdp_gradients():
+    cfg = GPTConfig.named("tiny")
+    cpu = plan.estimate(cfg, {"data": 8}, "fsdp", batch_size=8, device="cpu")
+    gpu = plan.estimate(cfg, {"data": 8}, "fsdp", batch_size=8, device="h100")
+    cpu_grads = sum(c.total_bytes for c in cpu.comm if "gradient all-reduce" in c.what)
+    gpu_grads = sum(c.total_bytes for c in gpu.comm if "gradient" in c.what
+                    and c.kind in ("reduce-scatter", "all-reduce") and "norm" not in c.what)
+    assert {c.kind for c in gpu.comm} >= {"reduce-scatter", "all-gather", "all-to-all"}
+    assert "reduce-scatter" not in {c.kind for c in cpu.comm}
+    assert gpu_grads < cpu_grads / 4
+
+
+# --- search ------------------------------------------------------------------------------------
+
+
+def test_search_7b_on_64_h100():
+    cfg = GPTConfig.named("7b", dtype="bfloat16")
+    everything = plan.search(cfg, 64, "h100", batch_size=64, include_unfit=True)
+    ranked = plan.search(cfg, 64, "h100", batch_size=64)
+    dp = [e for e in everything if e.strategy == "dp"]
+    assert len(dp) == 1 and not dp[0].fits  # 4 copies of 5.3B float32 parameters: > 80 GB
+    assert dp[0].total_bytes > plan.DEVICES["h100"].memory_bytes
+    assert ranked and all(e.fits for e in ranked) and "dp" not in {e.strategy for e in ranked}
+    assert [e.step_time for e in ranked] == sorted(e.step_time for e in ranked)
+    assert ranked[0].fits and "MFU" in ranked[0].reason
+    table = plan.format_table(ranked)
+    assert table.row_count == len(ranked)
+
+
+def test_search_keeps_exactly_what_jmp_accepts():
+    """Every candidate resolves with jmp.partition_specs on a real mesh; every other doesn't."""
+    cfg = GPTConfig(vocab_size=256, seq_len=32, d_model=64, n_layers=1, n_heads=4)
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    kept = {(e.strategy, e.mesh) for e in plan.search(cfg, 8, "cpu", batch_size=8,
+                                                      include_unfit=True)}
+    for strategy in jmp.rules.STRATEGIES:
+        for shape in plan.candidate_shapes(strategy, 8):
+            mesh = jmp.make_mesh(shape)
+            try:
+                jmp.partition_specs(abstract, jmp.rules.preset(strategy, mesh), mesh)
+                accepted = True
+            except jmp.ShardingError:
+                accepted = False
+            assert accepted == ((strategy, jmp.mesh.format_mesh_shape(shape)) in kept), shape
+    assert ("tp", "model=8") not in kept  # 4 heads over 8 devices
+    assert ("dp_tp", "data=2,model=4") in kept
+    # a batch of 4 rows cannot split over data=8
+    assert "dp" not in {e.strategy for e in plan.search(cfg, 8, "cpu", batch_size=4)}
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_bad_input_errors():
+    cfg = GPTConfig.named("tiny")
+    with pytest.raises(jmp.ConfigError, match="h100.*h200.*a100.*cpu"):
+        plan.get_device("tpu9")
+    with pytest.raises(jmp.ConfigError, match="Unknown device 'tpu9'"):
+        plan.estimate(cfg, {"data": 8}, "dp", batch_size=8, device="tpu9")
+    with pytest.raises(jmp.ConfigError, match="Unknown strategy 'zero3'.*fsdp_tp"):
+        plan.estimate(cfg, {"data": 8}, "zero3", batch_size=8)
+    with pytest.raises(jmp.ConfigError, match="Unknown strategies"):
+        plan.search(cfg, 8, "cpu", batch_size=8, strategies=["dp", "zero3"])
+    with pytest.raises(jmp.ShardingError, match="needs mesh axes"):
+        plan.estimate(cfg, {"data": 8}, "tp", batch_size=8)
+    with pytest.raises(jmp.ShardingError, match="not divisible"):
+        plan.estimate(cfg, {"model": 16}, "tp", batch_size=8)  # 8 heads over 16
+    with pytest.raises(jmp.ConfigError, match="multiple of 8"):
+        plan.estimate(cfg, {"data": 8}, "dp", batch_size=12)
+    with pytest.raises(jmp.ConfigError, match="seq_len=128 exceeds"):
+        plan.estimate(cfg, {"data": 8}, "dp", batch_size=8, seq_len=128)
+    with pytest.raises(jmp.ConfigError, match="positive"):
+        plan.Device("x", 0, 1, 1)
+
+
+# --- the jmp.inspect gaps worked around above ------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="jmp/inspect.py _groups: 'mesh[...], device_ids=(...)' "
+                   "replica groups are not parsed and fall back to all mesh axes")
+def test_inspect_reads_device_ids_groups(make_mesh):
+    mesh = make_mesh("data=2,model=4")
+    line = ("  %ar = f32[64]{0} all-reduce(%x), channel_id=1, replica_groups=mesh['axis_0'=4,"
+            "'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_1'}, to_apply=%add")
+    assert jmp.inspect.collectives(line, mesh)[0].axes == ("data",)
+
+
+@pytest.mark.xfail(strict=True, reason="jmp/inspect.py: a computation header with /*index=N*/ "
+                   "comments is not recognized, so loop bodies are not multiplied")
+def test_inspect_counts_loop_bodies_with_tuple_headers(make_mesh):
+    mesh = make_mesh("data=8")
+    params = ", ".join(["f32[]"] * 5 + ["/*index=5*/f32[]"])
+    text = "\n".join([
+        f"%body (p: (s32[], {params})) -> (s32[], {params}) {{",
+        "  %ar = f32[8]{0} all-reduce(%x), replica_groups=[1,8]<=[8], to_apply=%add",
+        "}",
+        "ENTRY %main (a: f32[]) -> f32[] {",
+        '  %w = (s32[]) while(%t), condition=%cond, body=%body, '
+        'backend_config={"known_trip_count":{"n":"3"}}',
+        "}"])
+    assert jmp.inspect.collectives(text, mesh)[0].count == 3
