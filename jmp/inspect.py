@@ -50,7 +50,9 @@ class Collective(NamedTuple):
 
 
 def _hlo_text(compiled: Any) -> str:
-    return compiled if isinstance(compiled, str) else compiled.as_text()
+    text = compiled if isinstance(compiled, str) else compiled.as_text()
+    # /*index=5*/ comments inside tuple types would hide computation headers
+    return re.sub(r"/\*.*?\*/", "", text)
 
 
 def _type_bytes(type_text: str) -> int:
@@ -65,18 +67,23 @@ def _type_bytes(type_text: str) -> int:
 
 def _groups(line: str) -> np.ndarray | None:
     """The replica/device groups of one collective, as an int array (groups x members)."""
-    named = re.search(r"replica_groups=mesh\[([^\]]*)\](?:<=\[([\d,]+)\](?:T\(([\d,]+)\))?)?"
+    # mesh['a'=2,'b'=4] {'a'}, optionally with a device order: <=[4,2]T(1,0) or, in newer
+    # XLA, ", device_ids=([4,2]T(1,0))"
+    named = re.search(r"replica_groups=mesh\[([^\]]*)\]"
+                      r"(?:<=\[([\d,]+)\](?:T\(([\d,]+)\))?"
+                      r"|,\s*device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?"
                       r"\s*\{([^}]*)\}", line)
     if named:
         axes = re.findall(r"'([^']+)'=(\d+)", named.group(1))
         sizes = [int(n) for _, n in axes]
         ids = np.arange(int(np.prod(sizes)))
-        if named.group(2):
-            ids = ids.reshape([int(v) for v in named.group(2).split(",")])
-            if named.group(3):
-                ids = ids.transpose([int(v) for v in named.group(3).split(",")])
+        dims, perm = named.group(2) or named.group(4), named.group(3) or named.group(5)
+        if dims:
+            ids = ids.reshape([int(v) for v in dims.split(",")])
+            if perm:
+                ids = ids.transpose([int(v) for v in perm.split(",")])
         ids = ids.reshape(sizes)
-        chosen = set(re.findall(r"'([^']+)'", named.group(4)))
+        chosen = set(re.findall(r"'([^']+)'", named.group(6)))
         inner = [i for i, (a, _) in enumerate(axes) if a in chosen]
         outer = [i for i in range(len(axes)) if i not in inner]
         return ids.transpose(outer + inner).reshape(-1, int(np.prod([sizes[i] for i in inner])))
@@ -152,7 +159,7 @@ def collectives(compiled: Any, mesh: Mesh | None = None, /) -> list[Collective]:
         ['all-reduce']
     """
     text = _hlo_text(compiled)
-    mults = _multiplicities(text)
+    mults = _multiplicities(text)  # (text is already free of comments)
     found: list[Collective] = []
     current = None
     for line in text.splitlines():

@@ -159,7 +159,11 @@ def _accumulate(grad_fn: Callable, params: nnx.State, batch: Batch,
     """Mean loss and gradients over ``microbatches`` slices of the batch (a ``lax.scan``)."""
     if microbatches == 1:
         return grad_fn(params, batch)
-    split = jax.tree.map(lambda a: a.reshape(microbatches, -1, *a.shape[1:]), batch)
+    # Strided: microbatch i takes rows i, i+m, i+2m...: every data shard contributes its own
+    # rows to every microbatch, so no activation moves between devices (a contiguous split
+    # would put each microbatch on only some devices).
+    split = jax.tree.map(
+        lambda a: a.reshape(-1, microbatches, *a.shape[1:]).swapaxes(0, 1), batch)
 
     def body(carry: tuple, micro: Batch) -> tuple[tuple, None]:
         loss, grads = grad_fn(params, micro)
