@@ -17,6 +17,7 @@ from jmp import (
     losses,
     mesh,
     models,
+    plan,
     rules,
     train,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "JmpError",
     "MeshError",
     "ParamTable",
+    "plan",
     "Rules",
     "ShardingError",
     "activate",

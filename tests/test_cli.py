@@ -68,3 +68,12 @@ def test_inspect_prints_collectives_and_memory_without_training():
     out = done.stdout
     assert "collectives" in out and "all-reduce" in out and "model" in out
     assert "temporaries" in out and "FLOPs / step" in out
+
+
+def test_plan_ranks_candidates_for_a_7b_model_on_64_h100():
+    done = run_jmp("plan", "--model", "7b", "--devices", "64", "--device", "h100", "--remat",
+                   timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MFU" in done.stdout and " 1. " in done.stdout and "fits" in done.stdout
+    bad = run_jmp("plan", "--model", "7b", "--device", "tpu9", timeout=60)
+    assert bad.returncode == 2 and "tpu9" in bad.stderr

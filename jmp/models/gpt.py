@@ -38,14 +38,12 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=8, seq_len=64),
     "small": dict(d_model=128, n_layers=4, n_heads=8, seq_len=128),
     "medium": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024, vocab_size=1024, seq_len=128),
-    # for planning (jmp plan): shapes of well-known models
-    "1b": dict(d_model=2048, n_layers=24, n_heads=16, vocab_size=32000, seq_len=2048),
-    "7b": dict(d_model=4096, n_layers=32, n_heads=32, d_ff=11008, vocab_size=32000,
-               seq_len=2048),
-    "13b": dict(d_model=5120, n_layers=40, n_heads=40, d_ff=13824, vocab_size=32000,
-                seq_len=2048),
-    "70b": dict(d_model=8192, n_layers=80, n_heads=64, d_ff=28672, vocab_size=32000,
-                seq_len=4096),
+    # for planning (jmp plan): the GPT-3 family's shapes (Brown et al. 2020, table 2.1) with a
+    # GPT-2 style vocabulary padded to a multiple of 128
+    "1b": dict(d_model=2048, n_layers=24, n_heads=16, vocab_size=50304, seq_len=2048),
+    "7b": dict(d_model=4096, n_layers=32, n_heads=32, vocab_size=50304, seq_len=2048),
+    "13b": dict(d_model=5120, n_layers=40, n_heads=40, vocab_size=50304, seq_len=2048),
+    "70b": dict(d_model=8192, n_layers=80, n_heads=64, vocab_size=50304, seq_len=2048),
 }
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
