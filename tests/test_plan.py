@@ -10,7 +10,6 @@ strict resolution) and bad input.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 
 import jax
