@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from jax.sharding import Mesh
 
+from jmp.units import human_bytes
+
 COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
                     "all-to-all")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
@@ -224,12 +226,6 @@ def flops(compiled: Any, /) -> float:
     return float(cost.get("flops", 0.0))
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def collectives_table(found: Iterable[Collective], /, *, title: str = "collectives") -> Any:
@@ -241,7 +237,7 @@ def collectives_table(found: Iterable[Collective], /, *, title: str = "collectiv
         table.add_column(col, justify="left" if col in ("kind", "mesh axes") else "right")
     rows = summary(found)
     for (kind, axes), row in sorted(rows.items()):
-        table.add_row(kind, ",".join(axes) or "-", str(row["count"]), _human(row["bytes"]))
+        table.add_row(kind, ",".join(axes) or "-", str(row["count"]), human_bytes(row["bytes"]))
     if not rows:
         table.add_row("(none)", "", "0", "0 B")
     return table
@@ -256,7 +252,7 @@ def memory_table(mem: Memory, /, *, flops_per_device: float | None = None,
     table.add_column("what")
     table.add_column("per device", justify="right")
     for name in Memory._fields:
-        table.add_row(name, _human(getattr(mem, name)))
+        table.add_row(name, human_bytes(getattr(mem, name)))
     if flops_per_device is not None:
         table.add_row("FLOPs / step", f"{flops_per_device:.3e}")
     return table

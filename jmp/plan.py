@@ -56,6 +56,7 @@ from jmp.errors import ConfigError, JmpError
 from jmp.mesh import fitting_shapes, format_mesh_shape
 from jmp.models.gpt import GPTConfig
 from jmp.rules import STRATEGIES, Rules, preset, raise_problems, resolve
+from jmp.units import human_bytes
 
 # --- devices ---------------------------------------------------------------------------------
 
@@ -415,12 +416,6 @@ def _flops(cfg: GPTConfig, tokens: int, seq: int, remat: bool) -> tuple[float, f
     return model, model * (4 / 3 if remat else 1)
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _fmt_time(s: float) -> str:
@@ -527,9 +522,9 @@ def estimate(cfg: GPTConfig, mesh_shape: Mapping[str, int], strategy: str, /, *,
     mfu = model_flops / n_dev / (step_time * dev.peak_flops) if step_time else 0.0
     fits = total <= dev.memory_bytes
     mesh = format_mesh_shape(sizes)
-    reason = (f"{strategy} on {mesh}: {_fmt_bytes(total)}/device of "
-              f"{_fmt_bytes(dev.memory_bytes)} ({'fits' if fits else 'does not fit'}), "
-              f"{_fmt_bytes(sum(comm_bytes.values()))} communicated per step, step "
+    reason = (f"{strategy} on {mesh}: {human_bytes(total)}/device of "
+              f"{human_bytes(dev.memory_bytes)} ({'fits' if fits else 'does not fit'}), "
+              f"{human_bytes(sum(comm_bytes.values()))} communicated per step, step "
               f"{_fmt_time(step_time)} ({_fmt_time(compute_time)} compute + "
               f"{_fmt_time(comm_time)} comm), MFU {mfu:.0%}")
     return Estimate(strategy, sizes, dev, batch_size, seq, microbatches, remat, local, grads,
@@ -599,8 +594,8 @@ def format_table(estimates: Sequence[Estimate], /, *, title: str = "plan") -> An
                 "comm", "step", "MFU"):
         table.add_column(col, justify="left" if col in ("strategy", "mesh") else "right")
     for i, e in enumerate(estimates, 1):
-        table.add_row(str(i), e.strategy, e.mesh, _fmt_bytes(e.total_bytes),
-                      "yes" if e.fits else "no", _fmt_bytes(sum(e.comm_bytes.values())),
+        table.add_row(str(i), e.strategy, e.mesh, human_bytes(e.total_bytes),
+                      "yes" if e.fits else "no", human_bytes(sum(e.comm_bytes.values())),
                       _fmt_time(e.compute_time), _fmt_time(e.comm_time),
                       _fmt_time(e.step_time), f"{e.mfu:.0%}")
     return table

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jmp.errors import ShardingError
 from jmp.rules import Rules, raise_problems, resolve
+from jmp.units import human_bytes
 
 _NAME_KEYS = ("out_sharding", "sharding_names", "sharding")
 
@@ -190,9 +191,10 @@ class ParamTable(list):
             table.add_column(col, justify="right" if col in ("total", "per device") else "left")
         for r in self:
             table.add_row(r.path, "×".join(map(str, r.shape)), r.dtype, _dims(r.names),
-                          _dims(r.spec), _human(r.bytes_total), _human(r.bytes_per_device))
-        table.add_row("total", "", "", "", "", _human(self.bytes_total),
-                      _human(self.bytes_per_device), style="bold")
+                          _dims(r.spec), human_bytes(r.bytes_total),
+                          human_bytes(r.bytes_per_device))
+        table.add_row("total", "", "", "", "", human_bytes(self.bytes_total),
+                      human_bytes(self.bytes_per_device), style="bold")
         return table
 
     @property
@@ -227,12 +229,6 @@ def _itemsize(dtype: Any) -> int:
         return int(getattr(dtype, "itemsize", 8))
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def param_table(model: Any, /) -> ParamTable:
