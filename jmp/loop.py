@@ -123,10 +123,10 @@ def run_training(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rule
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
                 if ckpt and checkpoint_every and (k + 1) % checkpoint_every == 0:
-                    ckpt.save(k + 1, state, meta={**meta, "step": k + 1})
+                    ckpt.save(k + 1, state, meta=_checkpoint_meta(meta, k + 1))
                 advance(row)
         if ckpt and cfg.steps > start and ckpt.latest_step() != cfg.steps:
-            ckpt.save(cfg.steps, state, meta={**meta, "step": cfg.steps})
+            ckpt.save(cfg.steps, state, meta=_checkpoint_meta(meta, cfg.steps))
     finally:
         if ckpt:
             ckpt.wait()
@@ -138,6 +138,12 @@ def run_training(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rule
     if out_dir and _is_main():
         plot_losses(result.history, os.path.join(out_dir, "loss.png"))
     return result
+
+
+def _checkpoint_meta(meta: dict[str, Any], step: int) -> dict[str, Any]:
+    # Batches and any randomness are pure functions of (seed, step): the next batch index and
+    # the seed (in meta["train"]) are the whole data position and RNG state.
+    return {**meta, "step": step, "data_position": step}
 
 
 def _initial_state(step_fn: Any, ckpt: Checkpointer | None, resume: bool, model_cfg: GPTConfig,
