@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -56,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default=None, help="compute dtype (default bf16 on GPUs)")
     plan.add_argument("--remat", action="store_true")
     plan.add_argument("--microbatches", type=int, default=1)
+    plan.add_argument("--mem-fraction", type=float, default=None,
+                      help="usable share of device memory (JAX's default on GPUs: 0.75)")
     plan.add_argument("--top", type=int, default=10)
     plan.add_argument("--all", action="store_true", help="also list what does not fit")
 
@@ -249,6 +252,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from jmp.models import GPTConfig
 
     device = plan.get_device(args.device)
+    if args.mem_fraction is not None:
+        device = dataclasses.replace(device, memory_fraction=args.mem_fraction)
     dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
     overrides = {"dtype": dtype, "remat": args.remat}
     if args.seq:

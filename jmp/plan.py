@@ -71,6 +71,9 @@ class Device:
         link_bandwidth: bytes/s one device sends (and receives) in a collective.
         platform: ``'gpu'`` or ``'cpu'``: which XLA compiler, hence which collectives (see the
             module docstring: reduce-scatter on GPU, float32 wires on CPU).
+        memory_fraction: the share of memory a plan may use. JAX preallocates 75% of a GPU by
+            default (``XLA_PYTHON_CLIENT_MEM_FRACTION``); set that variable and this field
+            together to plan closer to the limit.
     """
 
     name: str
@@ -78,10 +81,17 @@ class Device:
     memory_bytes: int
     link_bandwidth: float
     platform: str = "gpu"
+    memory_fraction: float = 0.75
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.memory_bytes * self.memory_fraction)
 
     def __post_init__(self) -> None:
         bad = [f"{n}={getattr(self, n)!r}" for n in ("peak_flops", "memory_bytes",
                                                      "link_bandwidth") if getattr(self, n) <= 0]
+        if not 0 < self.memory_fraction <= 1:
+            bad.append(f"memory_fraction={self.memory_fraction!r} (use a value in (0, 1])")
         if self.platform not in ("gpu", "cpu"):
             bad.append(f"platform={self.platform!r} (use 'gpu' or 'cpu')")
         if bad:
@@ -96,7 +106,7 @@ DEVICES: dict[str, Device] = {
     "h100": Device("h100", 989e12, 81559 * MiB, 450e9),  # H100 SXM5, NVLink 4: 900 GB/s both ways
     "h200": Device("h200", 989e12, 143771 * MiB, 450e9),  # same compute and NVLink, 141 GB HBM3e
     "a100": Device("a100", 312e12, 81920 * MiB, 300e9),  # A100 SXM 80GB, NVLink 3: 600 GB/s both
-    "cpu": Device("cpu", 5e10, 24 * GiB, 1e10, platform="cpu"),  # a simulated CPU device
+    "cpu": Device("cpu", 5e10, 24 * GiB, 1e10, platform="cpu", memory_fraction=1.0),
 }
 
 
@@ -520,10 +530,10 @@ def estimate(cfg: GPTConfig, mesh_shape: Mapping[str, int], strategy: str, /, *,
     comm_time /= dev.link_bandwidth
     step_time = compute_time + comm_time
     mfu = model_flops / n_dev / (step_time * dev.peak_flops) if step_time else 0.0
-    fits = total <= dev.memory_bytes
+    fits = total <= dev.usable_bytes
     mesh = format_mesh_shape(sizes)
     reason = (f"{strategy} on {mesh}: {human_bytes(total)}/device of "
-              f"{human_bytes(dev.memory_bytes)} ({'fits' if fits else 'does not fit'}), "
+              f"{human_bytes(dev.usable_bytes)} usable ({'fits' if fits else 'does not fit'}), "
               f"{human_bytes(sum(comm_bytes.values()))} communicated per step, step "
               f"{_fmt_time(step_time)} ({_fmt_time(compute_time)} compute + "
               f"{_fmt_time(comm_time)} comm), MFU {mfu:.0%}")
