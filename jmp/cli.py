@@ -18,6 +18,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from jmp.launch import add_launch_parser, cmd_launch
+
 DEFAULT_MESH = {"dp": "data=-1", "fsdp": "data=-1", "tp": "model=-1", "dp_tp": "data=2,model=-1",
                 "fsdp_tp": "data=2,model=-1"}
 
@@ -62,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--top", type=int, default=10)
     plan.add_argument("--all", action="store_true", help="also list what does not fit")
 
+    add_launch_parser(sub)
     gen = sub.add_parser("generate", help="sample text from a trained run")
     gen.add_argument("--run", required=True, help="run folder written by jmp train")
     gen.add_argument("--prompt", default="def ")
@@ -88,8 +91,11 @@ def _start_devices(n: int) -> None:
     """Simulate ``n`` CPU devices unless an accelerator is present (set before JAX starts)."""
     import jax
 
+    import jmp.distributed
     from jmp.devices import simulate_cpu_devices
 
+    if jmp.distributed.is_initialized():
+        return  # every process's devices are started, and checked against the mesh
     if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu"):
         simulate_cpu_devices(n)
     jax.devices()
@@ -117,29 +123,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     import jmp
+    import jmp.distributed
     from jmp.data import TextData
     from jmp.generate import generate
     from jmp.loop import run_training
     from jmp.train import TrainConfig
 
+    cluster = _start_distributed(args)
+    main_process = cluster is None or cluster.is_main
     mesh, rules, cfg, _ = _setup(args)
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch,
                             microbatches=args.microbatches, lr=args.lr, seed=args.seed,
                             eval_every=args.eval_every)
     out = os.path.abspath(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+    out = jmp.distributed.same_on_all(out)  # the processes may start a second apart
     if args.resume and not os.path.isdir(out):
         raise jmp.JmpError(f"--resume: run folder {out!r} does not exist. Fix: pass the --out "
                            f"of an earlier run.")
     os.makedirs(out, exist_ok=True)
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    console = Console(width=None if sys.stdout.isatty() else 120, quiet=not main_process)
     shape = ",".join(f"{k}={v}" for k, v in mesh.shape.items())
+    where = f"{mesh.devices.flat[0].platform}" + (
+        f", {cluster.num_processes} processes" if cluster else "")
     console.print(f"[bold]jmp train[/] strategy={args.strategy} mesh={shape} "
-                  f"devices={mesh.size} ({mesh.devices.flat[0].platform}) model={args.model} "
+                  f"devices={mesh.size} ({where}) model={args.model} "
                   f"({cfg.num_params():,} params) out={out}")
     data = TextData.from_paths(args.data)
+    _check_same_data(data)
     meta = {"strategy": args.strategy, "mesh": shape}
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump({"model": cfg.to_dict(), "train": train_cfg.to_dict(), **meta}, f, indent=2)
+    if main_process:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump({"model": cfg.to_dict(), "train": train_cfg.to_dict(), **meta}, f,
+                      indent=2)
     model_preview = jmp.shard_init(lambda rngs: jmp.models.GPT(cfg, rngs=rngs), mesh, rules,
                                    seed=args.seed)
     jmp.param_table(model_preview).print(console)
@@ -155,8 +170,32 @@ def cmd_train(args: argparse.Namespace) -> int:
                         max_new_tokens=args.sample, temperature=0.7, seed=args.seed)
         console.print("[bold]sample[/] (temperature 0.7, prompt 'def '):")
         console.print(text, markup=False, highlight=False)
-    _link_latest(out)
+    if main_process:
+        _link_latest(out)
     return 0
+
+
+def _start_distributed(args: argparse.Namespace) -> Any:
+    """Join the other processes when `jmp launch` or a cluster job (JMP_* variables) started us."""
+    import jmp.distributed
+
+    if not jmp.distributed.requested():
+        return None
+    return jmp.distributed.initialize(expected_devices=args.mesh or DEFAULT_MESH[args.strategy])
+
+
+def _check_same_data(data: Any) -> None:
+    """Every process must read the same bytes (hosts may hold other files under one path)."""
+    import hashlib
+
+    import jmp.distributed
+
+    digest = hashlib.sha256(data.train.tobytes() + data.val.tobytes()).hexdigest()
+    if jmp.distributed.same_on_all(digest) != digest:
+        raise jmp.distributed.DistributedError(
+            "This process read other training data than process 0 (the files under --data, or "
+            "the Python standard library's sources, differ between hosts). Fix: pass --data "
+            "with files on a filesystem every host shares.")
 
 
 def _link_latest(out: str) -> None:
@@ -277,7 +316,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "inspect": cmd_inspect,
-            "plan": cmd_plan}
+            "plan": cmd_plan, "launch": cmd_launch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -288,10 +327,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except JmpError as err:
         print(f"jmp {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _exit_code(2, str(err))
     except KeyboardInterrupt:
         print(f"jmp {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _exit_code(130, "interrupted")
+
+
+def _exit_code(code: int, reason: str) -> int:
+    """In a multi-process job, stop now and tell the others (not in JAX's exit barrier)."""
+    import jmp.distributed
+
+    cluster = jmp.distributed.cluster()
+    if cluster is not None and cluster.num_processes > 1:
+        jmp.distributed.abort(code, reason)
+    return code
 
 
 if __name__ == "__main__":

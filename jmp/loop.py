@@ -173,8 +173,9 @@ def _read_history(out_dir: str | None, upto: int) -> list[dict[str, float]]:
         rows = [json.loads(line) for line in f if line.strip()]
     # a killed run may have logged steps past its last checkpoint: those are redone
     rows = [r for r in rows if r["step"] <= upto]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    if _is_main():  # one writer, also on a filesystem the hosts share
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
     return rows
 
 
