@@ -47,6 +47,7 @@ __all__ = [
     "JmpError",
     "MeshError",
     "ParamTable",
+    "pipeline",
     "plan",
     "Rules",
     "ShardingError",

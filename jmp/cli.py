@@ -21,7 +21,8 @@ from typing import Any
 from jmp.launch import add_launch_parser, cmd_launch
 
 DEFAULT_MESH = {"dp": "data=-1", "fsdp": "data=-1", "tp": "model=-1", "dp_tp": "data=2,model=-1",
-                "fsdp_tp": "data=2,model=-1"}
+                "fsdp_tp": "data=2,model=-1", "pp": "stage=-1", "pp_dp": "stage=4,data=-1",
+                "pp_tp": "stage=4,model=-1", "pp_dp_tp": "stage=2,data=2,model=-1"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_args(train)
     train.add_argument("--steps", type=int, default=600)
     train.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
-    train.add_argument("--microbatches", type=int, default=1)
+    train.add_argument("--microbatches", type=int, default=1,
+                       help="gradient accumulation; with a pp_* strategy, the pipeline's M")
+    train.add_argument("--schedule", default="1f1b", choices=("1f1b", "gpipe"),
+                       help="pipeline schedule for pp_* strategies")
     train.add_argument("--lr", type=float, default=3e-3)
     train.add_argument("--data", nargs="+", default=None,
                        help="text files, folders or globs (default: Python stdlib sources)")
@@ -76,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--strategy", default="dp_tp", help="dp | fsdp | tp | dp_tp | fsdp_tp")
+    p.add_argument("--strategy", default="dp_tp",
+                   help="dp | fsdp | tp | dp_tp | fsdp_tp | pp | pp_dp | pp_tp | pp_dp_tp")
     p.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default per strategy)")
     p.add_argument("--devices", type=int, default=8,
                    help="CPU devices to simulate when no accelerator is present")
@@ -126,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import jmp.distributed
     from jmp.data import TextData
     from jmp.generate import generate
-    from jmp.loop import run_training
+    from jmp.loop import build_model, run_training
     from jmp.train import TrainConfig
 
     cluster = _start_distributed(args)
@@ -155,13 +160,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"model": cfg.to_dict(), "train": train_cfg.to_dict(), **meta}, f,
                       indent=2)
-    model_preview = jmp.shard_init(lambda rngs: jmp.models.GPT(cfg, rngs=rngs), mesh, rules,
-                                   seed=args.seed)
-    jmp.param_table(model_preview).print(console)
-    del model_preview
+    jmp.param_table(build_model(cfg, mesh, rules, seed=args.seed)).print(console)
     result = run_training(cfg, train_cfg, mesh, rules, data, out_dir=out, console=console,
                           resume=args.resume, checkpoint_every=args.checkpoint_every,
-                          skip_nonfinite=args.skip_nonfinite, meta=meta)
+                          skip_nonfinite=args.skip_nonfinite, meta=meta,
+                          schedule=args.schedule)
     console.print(f"train loss {result.train_loss:.3f}  validation loss {result.val_loss:.3f} "
                   f"nats/byte  {result.tokens_per_s:,.0f} tokens/s"
                   + (f"  skipped updates {result.skipped}" if result.skipped else ""))
@@ -215,7 +218,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import jmp
     from jmp.checkpoint import Checkpointer
     from jmp.generate import generate
-    from jmp.models import GPT, GPTConfig
+    from jmp.loop import build_model
+    from jmp.models import GPTConfig
     from jmp.train import TrainConfig, make_optimizer, make_step, merge_params
 
     run = os.path.abspath(args.run)
@@ -227,11 +231,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         saved = json.load(f)
     _start_devices(args.devices)
     cfg, train_cfg = GPTConfig(**saved["model"]), TrainConfig(**saved["train"])
-    mesh = jmp.make_mesh(saved["mesh"]) if _fits(saved["mesh"], jax.device_count()) else \
-        jmp.make_mesh("data=1,model=-1")
-    rules = jmp.rules.preset(saved["strategy"] if mesh.shape.get("data", 1) > 1 else "tp"
-                             if "data" not in mesh.shape else "dp_tp", mesh)
-    model = jmp.shard_init(lambda rngs: GPT(cfg, rngs=rngs), mesh, rules)
+    if _fits(saved["mesh"], jax.device_count()):
+        mesh = jmp.make_mesh(saved["mesh"])
+        rules = jmp.rules.preset(saved["strategy"], mesh)
+    elif saved["strategy"].startswith("pp"):
+        raise jmp.JmpError(f"This pipelined run was trained on {saved['mesh']}, which does not "
+                           f"fit {jax.device_count()} devices. Fix: pass --devices to match.")
+    else:  # the checkpoint restores onto any mesh: use tensor parallelism over what is here
+        mesh = jmp.make_mesh("model=-1")
+        rules = jmp.rules.preset("tp", mesh)
+    model = build_model(cfg, mesh, rules, seed=0)
     step = make_step(model, make_optimizer(train_cfg), mesh, rules)
     ckpt = Checkpointer(os.path.join(run, "checkpoints"), create=False)
     latest = ckpt.latest_step()

@@ -6,18 +6,15 @@ see every device, and a mesh spans all of them. :func:`initialize` wraps
 
 - **Checks before the network**: processes x local devices must equal the devices the mesh
   needs; ids, counts and the coordinator address are validated with the fix in the message.
-- **A rendezvous with names**: before JAX's coordinator starts, process 0 listens on the
-  coordinator's own port and every other process checks in (id, host, pid, devices). A process
-  that never comes is named (``process 1 did not check in within 60 s``), an unreachable
-  coordinator is reported as such, both as a :class:`DistributedError` after ``timeout_s``,
-  instead of JAX's abort (exit 134, ``DEADLINE_EXCEEDED``) a few seconds after its timeout.
+- **A rendezvous with names** (:mod:`jmp.rendezvous`): before JAX's coordinator starts, every
+  process checks in with process 0, so a process that never comes, or an unreachable
+  coordinator, is a :class:`DistributedError` naming it after ``timeout_s``, instead of JAX's
+  abort (exit 134, ``DEADLINE_EXCEEDED``) a few seconds after its timeout.
 - **A watchdog** on ``jax.distributed.initialize`` itself: should it still hang after the
   rendezvous, the process prints a clear line and exits with :data:`EXIT_TIMEOUT`.
-- **A peer guard** while the job runs: the rendezvous sockets stay open (gRPC shares the port),
-  so when a process dies its peers know at once (the kernel closes its sockets, even on
-  SIGKILL) and exit with :data:`EXIT_PEER_LOST`, naming it, instead of waiting in a collective
-  for JAX's heartbeat timeout. A process that ends with an uncaught exception tells its peers
-  and exits at once rather than waiting minutes in JAX's shutdown barrier.
+- **A peer guard** (:mod:`jmp.rendezvous`) while the job runs: when a process dies or fails,
+  its peers exit at once with :data:`EXIT_PEER_LOST`, naming it, instead of waiting in a
+  collective for JAX's heartbeat timeout or minutes in JAX's shutdown barrier.
 
 The launcher (:mod:`jmp.launch`) and cluster jobs pass the settings as environment variables:
 ``JMP_COORDINATOR`` (``host:port`` of process 0), ``JMP_NUM_PROCESSES``, ``JMP_PROCESS_ID``,
@@ -34,36 +31,32 @@ Example:
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import json
+import functools
 import math
 import os
-import selectors
 import socket
-import sys
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from jmp.errors import JmpError
+from jmp import rendezvous
 
-ENV_COORDINATOR = "JMP_COORDINATOR"
-ENV_NUM_PROCESSES = "JMP_NUM_PROCESSES"
-ENV_PROCESS_ID = "JMP_PROCESS_ID"
-ENV_LOCAL_DEVICES = "JMP_LOCAL_DEVICES"
-ENV_TIMEOUT = "JMP_TIMEOUT"
-ENV_AUTO = "JMP_DISTRIBUTED"
+# Defined in jmp.rendezvous (its messages name them; it must not import this module), public
+# here: `from jmp.distributed import ENV_COORDINATOR` is how the launcher and users get them.
+from jmp.rendezvous import (
+    ENV_AUTO,
+    ENV_COORDINATOR,
+    ENV_LOCAL_DEVICES,
+    ENV_NUM_PROCESSES,
+    ENV_PROCESS_ID,
+    ENV_TIMEOUT,
+    DistributedError,
+)
+from jmp.rendezvous import EXIT_PEER_LOST as EXIT_PEER_LOST
+
 DEFAULT_TIMEOUT_S = 60.0
-EXIT_PEER_LOST = 3
 EXIT_TIMEOUT = 4
-_PROTOCOL = 1
-
-
-class DistributedError(JmpError):
-    """Processes could not be started together, or do not fit the mesh asked for."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +76,6 @@ class Cluster:
 
 
 _cluster: Cluster | None = None
-_guard: _PeerGuard | None = None
 
 
 def requested(environ: Mapping[str, str] | None = None) -> bool:
@@ -148,11 +140,14 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
     if settings.num_processes == 1:
         _cluster = _finish_single(settings, expected_devices)
         return _cluster
-    peers, hosts = _rendezvous(settings, expected_devices)
+    me = settings.member()
+    check = None if expected_devices is None else functools.partial(_counts_problem,
+                                                                    expected_devices)
+    peers, hosts = rendezvous.check_in(me, check_counts=check)
     hb = max(10.0, heartbeat_timeout_s or settings.timeout_s)
     _start_jax(settings, hb)
     _cluster = _verify(settings, expected_devices, hosts)
-    _start_guard(settings, peers, hosts)
+    rendezvous.start_guard(me.process_id, peers, hosts, grace_s=me.timeout_s)
     return _cluster
 
 
@@ -162,10 +157,7 @@ def abort(code: int, message: str = "") -> NoReturn:
     Use it where a multi-process program stops on an error it handled (the CLI's error path):
     exiting normally would wait in JAX's shutdown barrier for peers that wait in a collective.
     """
-    if _guard is not None:
-        _guard.announce({"fail": message or f"exit code {code}"})
-    _flush()
-    os._exit(code)
+    rendezvous.fail(code, message)
 
 
 def same_on_all(text: str, /, *, max_bytes: int = 1024) -> str:
@@ -252,7 +244,7 @@ class _Settings:
             problems.append(f"timeout_s={self.timeout_s} must be > 0")
         if self.coordinator is not None:
             try:
-                _split_address(self.coordinator)
+                rendezvous.split_address(self.coordinator)
             except ValueError as err:
                 problems.append(str(err))
         if problems:
@@ -266,6 +258,11 @@ class _Settings:
         _check_total(expected, self.num_processes * self.local_devices,
                      f"{self.num_processes} processes x {self.local_devices} local devices",
                      self.num_processes)
+
+    def member(self) -> rendezvous.Member:
+        """This process for the rendezvous (validated: only ``local_devices`` may be None)."""
+        return rendezvous.Member(self.coordinator or "", self.process_id or 0,
+                                 self.num_processes or 1, self.local_devices, self.timeout_s)
 
     @property
     def where(self) -> str:
@@ -293,14 +290,6 @@ def _pick(value: Any, env_name: str, name: str, kind: type = int) -> Any:
                                f"{'an integer' if kind is int else 'a number'}.") from None
 
 
-def _split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"coordinator_address={address!r} is not 'host:port' (e.g. "
-                         f"'10.0.0.1:61234')")
-    return host.strip("[]"), int(port)
-
-
 def _check_total(expected: Any, total: int, how: str, num_processes: int) -> None:
     from jmp.errors import MeshError
     from jmp.mesh import resolve_mesh_shape
@@ -321,6 +310,18 @@ def _check_total(expected: Any, total: int, how: str, num_processes: int) -> Non
         fix = _fix_counts(need, num_processes) if need else (
             "Fix: change the mesh or the process/device counts.")
         raise DistributedError(f"{err} (Devices: {how} = {total}.) {fix}") from None
+
+
+def _counts_problem(expected: Any, counts: list[int]) -> str | None:
+    """Process 0 at check-in: the processes' own device counts against the mesh, as text."""
+    how = " + ".join(map(str, counts)) + " local devices of the processes"
+    if len(set(counts)) == 1:
+        how = f"{len(counts)} processes x {counts[0]} local devices"
+    try:
+        _check_total(expected, sum(counts), how, len(counts))
+    except DistributedError as err:
+        return str(err)  # sent to every process, which raises it: the job stops as one
+    return None
 
 
 def _fix_counts(need: int, num_processes: int) -> str:
@@ -360,189 +361,6 @@ def _finish_single(settings: _Settings, expected: Any) -> Cluster:
     return Cluster(0, 1, local, local, None, (socket.gethostname(),))
 
 
-# --- the rendezvous: who is there, before JAX's coordinator starts ------------------------
-
-
-def _send(sock: socket.socket, message: dict[str, Any]) -> None:
-    sock.sendall((json.dumps(message) + "\n").encode())
-
-
-def _read_line(sock: socket.socket, deadline: float) -> dict[str, Any] | None:
-    """One JSON line, or None on EOF; raises TimeoutError at ``deadline``."""
-    data = b""
-    while not data.endswith(b"\n"):
-        sock.settimeout(max(deadline - time.monotonic(), 0.01))
-        chunk = sock.recv(4096)
-        if not chunk:
-            return None
-        data += chunk
-    try:
-        out = json.loads(data)
-    except ValueError:
-        return {}
-    return out if isinstance(out, dict) else {}
-
-
-def _hello(settings: _Settings) -> dict[str, Any]:
-    return {"jmp": _PROTOCOL, "process_id": settings.process_id,
-            "num_processes": settings.num_processes, "local_devices": settings.local_devices,
-            "host": socket.gethostname(), "pid": os.getpid()}
-
-
-def _rendezvous(settings: _Settings, expected: Any) -> tuple[dict[int, socket.socket], list]:
-    if settings.process_id == 0:
-        return _serve(settings, expected)
-    return _join(settings)
-
-
-def _listen(settings: _Settings) -> socket.socket:
-    _, port = _split_address(settings.coordinator or "")
-    try:
-        if socket.has_dualstack_ipv6():
-            return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True,
-                                        reuse_port=False)
-        return socket.create_server(("", port))
-    except OSError as err:
-        raise DistributedError(f"Process 0 cannot listen on port {port} of the coordinator "
-                               f"address {settings.coordinator!r}: {err.strerror}. Fix: choose "
-                               f"a free port (`jmp launch` picks one), or stop the program "
-                               f"that holds it.") from None
-
-
-def _serve(settings: _Settings, expected: Any) -> tuple[dict[int, socket.socket], list]:
-    """Process 0: wait for every other process to check in; tell them all the outcome."""
-    n = settings.num_processes or 1
-    hellos: dict[int, dict[str, Any]] = {0: _hello(settings)}
-    socks: dict[int, socket.socket] = {}
-    deadline = time.monotonic() + settings.timeout_s
-    problem = None
-    with _listen(settings) as server:
-        while len(hellos) < n and problem is None and time.monotonic() < deadline:
-            server.settimeout(max(deadline - time.monotonic(), 0.01))
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                break
-            problem = _admit(conn, settings, hellos, socks, deadline)
-    if problem is None and len(hellos) < n:
-        problem = _missing_message(settings, hellos)
-    if problem is None:
-        problem = _total_problem(settings, hellos, expected)
-    hosts = [hellos[i]["host"] for i in sorted(hellos)]
-    for sock in socks.values():
-        with contextlib.suppress(OSError):
-            _send(sock, {"ok": problem is None, "error": problem, "hosts": hosts})
-    if problem is not None:
-        for sock in socks.values():
-            sock.close()
-        raise DistributedError(problem)
-    return socks, hosts
-
-
-def _admit(conn: socket.socket, settings: _Settings, hellos: dict[int, dict[str, Any]],
-           socks: dict[int, socket.socket], deadline: float) -> str | None:
-    """Read one process's hello; a problem that stops the whole job is returned as text."""
-    try:
-        hello = _read_line(conn, min(deadline, time.monotonic() + 10))
-    except (TimeoutError, OSError):
-        hello = None
-    if not hello or hello.get("jmp") != _PROTOCOL:
-        conn.close()  # a port scanner or a stale client: not one of ours
-        return None
-    pid, n = hello.get("process_id"), hello.get("num_processes")
-    who = f"process {pid} ({hello.get('host')}, pid {hello.get('pid')})"
-    if n != settings.num_processes:
-        problem = (f"{who} was started with num_processes={n}, process 0 with "
-                   f"{settings.num_processes}. Fix: give every process the same count.")
-    elif pid in hellos:
-        problem = (f"Two processes claim process_id={pid}: {who} and one on "
-                   f"{hellos[pid].get('host')} with pid {hellos[pid].get('pid')}. Fix: give each "
-                   f"process its own id, 0..{settings.num_processes - 1}.")
-    else:
-        hellos[pid], socks[pid] = hello, conn
-        return None
-    socks[-1 - len(socks)] = conn  # so that it hears the outcome too
-    return problem
-
-
-def _missing_message(settings: _Settings, hellos: dict[int, dict[str, Any]]) -> str:
-    n = settings.num_processes or 1
-    missing = [i for i in range(n) if i not in hellos]
-    arrived = ", ".join(f"{i} ({h['host']})" for i, h in sorted(hellos.items()))
-    names = ", ".join(map(str, missing))
-    return (f"Timed out after {settings.timeout_s:g} s waiting for process(es) {names} of "
-            f"{n} to reach the coordinator {settings.coordinator} (checked in: {arrived}). Fix: "
-            f"start every process with the same {ENV_COORDINATOR}/{ENV_NUM_PROCESSES} and its "
-            f"own {ENV_PROCESS_ID}; check that they can reach this host and port (a process "
-            f"that stopped on an error of its own says so in its output); or raise the "
-            f"timeout ({ENV_TIMEOUT}).")
-
-
-def _total_problem(settings: _Settings, hellos: dict[int, dict[str, Any]],
-                   expected: Any) -> str | None:
-    counts = [hellos[i].get("local_devices") for i in sorted(hellos)]
-    if expected is None or any(c is None for c in counts):
-        return None
-    how = " + ".join(map(str, counts)) + " local devices of the processes"
-    if len(set(counts)) == 1:
-        how = f"{len(counts)} processes x {counts[0]} local devices"
-    try:
-        _check_total(expected, sum(counts), how, len(counts))
-    except DistributedError as err:
-        return str(err)
-    return None
-
-
-def _join(settings: _Settings) -> tuple[dict[int, socket.socket], list]:
-    """Any process but 0: reach the coordinator (retrying until the deadline), check in."""
-    host, port = _split_address(settings.coordinator or "")
-    deadline = time.monotonic() + settings.timeout_s
-    last: OSError | None = None
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise DistributedError(
-                f"Process {settings.process_id} could not reach the coordinator (process 0) at "
-                f"{settings.coordinator} within {settings.timeout_s:g} s "
-                f"({_reason(last)}). Fix: start process 0 (it listens there; if it stopped on "
-                f"an error, its output says why), check the host "
-                f"and port in {ENV_COORDINATOR} and that no firewall blocks them, or raise the "
-                f"timeout ({ENV_TIMEOUT}).")
-        try:
-            sock = socket.create_connection((host, port), timeout=min(left, 5))
-            break
-        except OSError as err:
-            last = err
-            time.sleep(min(0.2, max(left, 0)))
-    try:
-        _send(sock, _hello(settings))
-        reply = _read_line(sock, deadline + 5)  # process 0 answers at its own deadline
-    except (TimeoutError, OSError) as err:
-        sock.close()
-        raise DistributedError(f"Process {settings.process_id}: no answer from the coordinator "
-                               f"{settings.coordinator} within {settings.timeout_s:g} s "
-                               f"({_reason(err)}).") from None
-    if reply is None or "ok" not in reply:
-        sock.close()
-        raise DistributedError(f"Process {settings.process_id}: the coordinator "
-                               f"{settings.coordinator} closed the connection without an "
-                               f"answer (is it a jmp process 0 of this job?).")
-    if not reply["ok"]:
-        sock.close()
-        raise DistributedError(f"Process 0 stopped the job: {reply.get('error')}")
-    return {0: sock}, list(reply.get("hosts") or [])
-
-
-def _reason(err: BaseException | None) -> str:
-    if err is None:
-        return "no attempt finished"
-    if isinstance(err, ConnectionRefusedError):
-        return "connection refused: nothing listens there yet"
-    if isinstance(err, TimeoutError | socket.timeout):
-        return "connection attempts timed out"
-    return getattr(err, "strerror", None) or str(err) or type(err).__name__
-
-
 # --- JAX's own start, under a watchdog -----------------------------------------------------
 
 
@@ -571,7 +389,8 @@ class _Watchdog:
     """Print ``message`` and exit the process if the block has not finished in ``seconds``."""
 
     def __init__(self, seconds: float, message: str) -> None:
-        self.timer = threading.Timer(seconds, _die, args=(message, EXIT_TIMEOUT))
+        # a thread, since the main one is stuck inside JAX; it can only end the process
+        self.timer = threading.Timer(seconds, rendezvous.die, args=(message, EXIT_TIMEOUT))
         self.timer.daemon = True
 
     def __enter__(self) -> _Watchdog:
@@ -599,131 +418,3 @@ def _verify(settings: _Settings, expected: Any, hosts: list) -> Cluster:
         _check_total(expected, total, f"the {n} processes' {total} devices", n)
     return Cluster(settings.process_id or 0, n, local, total, settings.coordinator,
                    tuple(hosts))
-
-
-# --- the peer guard: a lost process stops the others, with its name -----------------------
-
-
-class _PeerGuard:
-    """Watches the rendezvous sockets; a peer that vanishes, or fails, stops this process.
-
-    Process 0 watches every other process and relays a loss to the rest; the others watch
-    process 0. A peer that exits normally sends ``bye`` first (at interpreter exit); if this
-    process is still running ``grace_s`` later, that peer left too early and this one stops.
-    """
-
-    def __init__(self, me: int, peers: dict[int, socket.socket], hosts: list,
-                 grace_s: float) -> None:
-        self.me, self.peers, self.hosts, self.grace_s = me, peers, hosts, grace_s
-        self.exiting = False
-        self.bye: dict[int, float] = {}
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name="jmp-peer-guard", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def announce(self, message: dict[str, Any]) -> None:
-        with self.lock:
-            for sock in self.peers.values():
-                with contextlib.suppress(OSError):
-                    _send(sock, message)
-
-    def at_exit(self) -> None:
-        self.exiting = True
-        self.announce({"bye": self.me})
-
-    def _name(self, pid: int) -> str:
-        host = self.hosts[pid] if pid < len(self.hosts) else "?"
-        return f"process {pid} ({host})"
-
-    def _run(self) -> None:
-        sel = selectors.DefaultSelector()
-        buffers: dict[int, bytes] = {}
-        for pid, sock in self.peers.items():
-            sock.setblocking(False)
-            sel.register(sock, selectors.EVENT_READ, pid)
-            buffers[pid] = b""
-        while True:
-            for key, _ in sel.select(timeout=0.5):
-                pid = key.data
-                try:
-                    chunk = key.fileobj.recv(4096)  # type: ignore[union-attr]
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError:
-                    chunk = b""
-                if not chunk:
-                    sel.unregister(key.fileobj)
-                    self._closed(pid)
-                    continue
-                buffers[pid] += chunk
-                *lines, buffers[pid] = buffers[pid].split(b"\n")
-                for line in lines:
-                    self._message(pid, line)
-            self._check_bye()
-
-    def _message(self, pid: int, line: bytes) -> None:
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            return
-        if "bye" in msg:
-            self.bye.setdefault(pid, time.monotonic())
-        elif "fail" in msg:
-            self._stop(f"{self._name(pid)} failed: {msg['fail']}")
-        elif "lost" in msg:
-            self._stop(str(msg.get("reason") or f"process {msg['lost']} was lost"))
-
-    def _closed(self, pid: int) -> None:
-        if self.exiting:
-            return
-        if pid in self.bye:
-            return  # it said goodbye: _check_bye decides whether it left too early
-        self._stop(f"{self._name(pid)} disconnected without finishing: it was killed or "
-                   f"crashed (see its output).")
-
-    def _check_bye(self) -> None:
-        now = time.monotonic()
-        for pid, since in list(self.bye.items()):
-            if not self.exiting and now - since > self.grace_s:
-                self._stop(f"{self._name(pid)} exited {now - since:.0f} s ago while this "
-                           f"process is still running: it stopped early (see its output).")
-
-    def _stop(self, reason: str) -> None:
-        if self.exiting:
-            return
-        if self.me == 0:
-            self.announce({"lost": -1, "reason": reason})
-        _die(f"{reason} Stopping process {self.me} too.", EXIT_PEER_LOST)
-
-
-def _start_guard(settings: _Settings, peers: dict[int, socket.socket], hosts: list) -> None:
-    global _guard
-    _guard = _PeerGuard(settings.process_id or 0, peers, hosts, grace_s=settings.timeout_s)
-    _guard.start()
-    # registered after JAX's own exit hook, so it runs first: peers hear "bye" before this
-    # process waits in JAX's shutdown barrier
-    atexit.register(_guard.at_exit)
-    previous = sys.excepthook
-
-    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
-        previous(kind, value, tb)
-        if _guard is not None and not issubclass(kind, SystemExit):
-            abort(130 if issubclass(kind, KeyboardInterrupt) else 1, f"{kind.__name__}: {value}")
-
-    sys.excepthook = excepthook
-
-
-def _flush() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-
-
-def _die(message: str, code: int) -> NoReturn:
-    _flush()
-    with contextlib.suppress(Exception):
-        sys.stderr.write(f"jmp: error: {message}\n")
-        sys.stderr.flush()
-    os._exit(code)

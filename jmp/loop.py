@@ -71,18 +71,18 @@ def evaluate(eval_step: Any, params: nnx.State, data: TextData, *, cfg: TrainCon
 def run_training(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rules,
                  data: TextData, /, *, out_dir: str | None = None, console: Any = None,
                  resume: bool = False, checkpoint_every: int | None = None,
-                 skip_nonfinite: bool = False, meta: dict[str, Any] | None = None) -> RunResult:
+                 skip_nonfinite: bool = False, meta: dict[str, Any] | None = None,
+                 schedule: str = "1f1b") -> RunResult:
     """Train a GPT; write ``metrics.jsonl``, ``loss.png`` and checkpoints under ``out_dir``.
 
     With ``resume``, the latest checkpoint in ``out_dir`` is restored onto ``mesh`` (any mesh or
     strategy) and training continues from its step with the very batches it would have seen.
+    A mesh with a ``stage`` axis pipelines the blocks over it (``schedule``: '1f1b' or 'gpipe',
+    ``cfg.microbatches`` microbatches).
     """
     check_batch(cfg.batch_size, cfg.microbatches, mesh, rules)
     data.check(model_cfg.seq_len)
-    model = shard_init(lambda rngs: GPT(model_cfg, rngs=rngs), mesh, rules, seed=cfg.seed)
-    step_fn = make_step(model, make_optimizer(cfg), mesh, rules, microbatches=cfg.microbatches,
-                        schedule=lr_schedule(cfg))
-    eval_step = make_eval_step(model, mesh, rules)
+    model, step_fn, eval_step = _build(model_cfg, cfg, mesh, rules, schedule)
     meta = {"model": model_cfg.to_dict(), "train": cfg.to_dict(), **(meta or {})}
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints")) if out_dir else None
     state, start, history = _initial_state(step_fn, ckpt, resume, model_cfg, out_dir)
@@ -138,6 +138,35 @@ def run_training(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rule
     if out_dir and _is_main():
         plot_losses(result.history, os.path.join(out_dir, "loss.png"))
     return result
+
+
+def build_model(model_cfg: GPTConfig, mesh: Mesh, rules: Rules, *, seed: int) -> nnx.Module:
+    """A sharded GPT, or a PipelinedGPT when the mesh has a 'stage' axis of size > 1."""
+    stages = mesh.shape.get("stage", 1)
+    if stages == 1:
+        return shard_init(lambda rngs: GPT(model_cfg, rngs=rngs), mesh, rules, seed=seed)
+    from jmp.pipeline import PipelinedGPT
+
+    return shard_init(lambda rngs: PipelinedGPT(model_cfg, num_stages=stages, rngs=rngs),
+                      mesh, rules, seed=seed)
+
+
+def _build(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rules,
+           schedule: str) -> tuple[nnx.Module, Any, Any]:
+    """Model, train step and eval step; a 'stage' mesh axis pipelines the blocks over it."""
+    model = build_model(model_cfg, mesh, rules, seed=cfg.seed)
+    if mesh.shape.get("stage", 1) == 1:
+        step = make_step(model, make_optimizer(cfg), mesh, rules,
+                         microbatches=cfg.microbatches, schedule=lr_schedule(cfg))
+        return model, step, make_eval_step(model, mesh, rules)
+    from jmp.pipeline import make_loss_fn
+
+    # the pipeline splits the batch into cfg.microbatches itself: no accumulation around it
+    step = make_step(model, make_optimizer(cfg), mesh, rules, schedule=lr_schedule(cfg),
+                     loss_fn=make_loss_fn(mesh=mesh, num_microbatches=cfg.microbatches,
+                                          schedule=schedule))
+    evaluate = make_loss_fn(mesh=mesh, num_microbatches=cfg.microbatches, schedule="gpipe")
+    return model, step, make_eval_step(model, mesh, rules, loss_fn=evaluate)
 
 
 def _checkpoint_meta(meta: dict[str, Any], step: int) -> dict[str, Any]:

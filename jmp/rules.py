@@ -178,6 +178,11 @@ def _table(**overrides: MeshAxes) -> dict[str, MeshAxes]:
 
 def _strategy_tables(name: str) -> tuple[dict[str, MeshAxes], dict[str, MeshAxes], set[str]]:
     tp = dict.fromkeys(_TP_NAMES, "model")
+    if name == "pp":
+        return _table(), _table(), {"stage"}
+    if name.startswith("pp_"):  # pipeline stages over 'stage' + the strategy within a stage
+        params, activations, needs = _strategy_tables(name[3:])
+        return params, activations, needs | {"stage"}
     if name == "dp":
         return _table(), _table(batch="data"), {"data"}
     if name == "fsdp":
@@ -191,7 +196,7 @@ def _strategy_tables(name: str) -> tuple[dict[str, MeshAxes], dict[str, MeshAxes
     raise ShardingError(f"Unknown strategy {name!r}. Known strategies: {', '.join(STRATEGIES)}.")
 
 
-STRATEGIES = ("dp", "fsdp", "tp", "dp_tp", "fsdp_tp")
+STRATEGIES = ("dp", "fsdp", "tp", "dp_tp", "fsdp_tp", "pp", "pp_dp", "pp_tp", "pp_dp_tp")
 
 
 def preset(strategy: str, mesh: Mesh, /) -> Rules:
@@ -205,6 +210,7 @@ def preset(strategy: str, mesh: Mesh, /) -> Rules:
     ``tp``            mlp/heads/vocab over ``model``  mlp/heads/vocab over ``model``
     ``dp_tp``         as ``tp``                       as ``tp`` + batch over ``data``
     ``fsdp_tp``       ``fsdp`` + ``tp``               as ``dp_tp``
+    ``pp``, ``pp_*``  blocks stacked over ``stage``   (``pp_dp``: + ``dp`` within a stage)
     ================  ==============================  =================================
 
     Raises:
@@ -217,7 +223,7 @@ def preset(strategy: str, mesh: Mesh, /) -> Rules:
     """
     params, activations, needs = _strategy_tables(strategy)
     missing = sorted(needs - set(mesh.shape))
-    idle = sorted(a for a, n in mesh.shape.items() if a not in needs and n > 1 and a != "stage")
+    idle = sorted(a for a, n in mesh.shape.items() if a not in needs and n > 1)
     if missing or idle:
         shape = ",".join(f"{a}={n}" for a, n in mesh.shape.items())
         msg = [f"Strategy {strategy!r} does not fit mesh {shape}:"]

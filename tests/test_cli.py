@@ -77,3 +77,17 @@ def test_plan_ranks_candidates_for_a_7b_model_on_64_h100():
     assert "MFU" in done.stdout and " 1. " in done.stdout and "fits" in done.stdout
     bad = run_jmp("plan", "--model", "7b", "--device", "tpu9", timeout=60)
     assert bad.returncode == 2 and "tpu9" in bad.stderr
+
+
+def test_pipeline_strategy_trains_and_generates(tmp_path):
+    out = str(tmp_path / "pp")
+    done = run_jmp("train", "--model", "small", "--seq", "32", "--strategy", "pp_dp", "--mesh",
+                   "stage=4,data=2", "--microbatches", "4", "--schedule", "gpipe", "--batch", "8",
+                   "--steps", "3", "--eval-every", "3", "--sample", "8", "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "strategy=pp_dp mesh=stage=4,data=2" in done.stdout
+    gen = run_jmp("generate", "--run", out, "--prompt", "if ", "--tokens", "4")
+    assert gen.returncode == 0 and gen.stdout.startswith("if "), gen.stderr[-2000:]
+    bad = run_jmp("train", "--model", "tiny", "--strategy", "pp", "--mesh", "stage=8",
+                  "--steps", "1", "--out", str(tmp_path / "bad"), timeout=120)
+    assert bad.returncode == 2 and "stages exceed n_layers=2" in bad.stderr
