@@ -5,7 +5,7 @@ settles the settings and starts JAX; this module knows nothing of JAX or meshes)
 
 - **Check-in** (:func:`check_in`), before JAX's coordinator starts: process 0 listens on the
   coordinator's own port and every other process checks in (id, host, pid, devices) with one
-  JSON line. A process that never comes is named (``process 1 did not check in``), an
+  JSON line. A process that never comes is named (``waiting for process(es) 1 of 2``), an
   unreachable coordinator is reported as such, both as a :class:`DistributedError` after
   ``timeout_s``, instead of JAX's abort (exit 134, ``DEADLINE_EXCEEDED``) after its timeout.
 - **The peer guard** (:func:`start_guard`), while the job runs: the check-in sockets stay open
