@@ -206,14 +206,16 @@ def make_step(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: 
             params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
         # A NaN/inf update is never applied: the state passes through unchanged (the loop
-        # then stops or skips). Done here because the input state was donated.
+        # then stops or skips). Done here because the input state was donated. A cond, not an
+        # elementwise select over the whole state: the select kept XLA from updating the
+        # donated buffers in place (+17% step time on the medium workload, +5% with the cond).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        params, opt_state = jax.lax.cond(finite, lambda: (params, opt_state),
+                                         lambda: (state.params, state.opt_state))
         metrics = {"loss": loss, "grad_norm": grad_norm}
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
-        return TrainState(state.step + 1, keep(params, state.params),
-                          keep(opt_state, state.opt_state)), metrics
+        return TrainState(state.step + 1, params, opt_state), metrics
 
     jitted = jax.jit(step, in_shardings=(state_shardings, (data_sharding, data_sharding)),
                      out_shardings=(state_shardings, replicated), donate_argnums=0)
