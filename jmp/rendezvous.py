@@ -367,6 +367,7 @@ class _PeerGuard:
 
 
 _guard: _PeerGuard | None = None
+FAIL_SETTLE_S = 0.5
 
 
 def start_guard(me: int, peers: dict[int, socket.socket], hosts: list, *,
@@ -400,6 +401,10 @@ def fail(code: int, message: str = "") -> NoReturn:
     peers that themselves wait in a collective for this process.
     """
     if _guard is not None:
+        # This failure may be the echo of a peer's (a collective breaks when the peer exits):
+        # give the guard thread a moment to read the peer's own "fail" message, in which case
+        # it exits first, as EXIT_PEER_LOST naming the peer, and the right process is blamed.
+        time.sleep(FAIL_SETTLE_S)
         _guard.announce({"fail": message or f"exit code {code}"})
     _flush()
     os._exit(code)
