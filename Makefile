@@ -26,6 +26,9 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/comm.py
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/pipeline.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check jmp tests benchmarks

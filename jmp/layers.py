@@ -240,6 +240,9 @@ def _manual_lookup(ids: jax.Array, table: jax.Array, axis: MeshAxes) -> jax.Arra
         one_hot = jax.nn.one_hot(ids_ - start, table_i.shape[0], dtype=table_i.dtype)
         return jax.lax.psum(jnp.tensordot(one_hot, table_i, 1), axes)
 
+    # Gather the table's other splits (FSDP's 'embed' over 'data') before the manual region:
+    # left to the partitioner, it gathers the far larger one-hot activations instead.
+    table = jax.lax.with_sharding_constraint(table, P(axis))
     return jax.shard_map(block, mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(), P(axis)),
                          out_specs=P(), axis_names=set(axes))(ids, table)
 
