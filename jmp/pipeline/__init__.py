@@ -1,0 +1,48 @@
+"""Pipeline parallelism (transitional: the whole of the former ``jmp/pipeline.py`` is in
+:mod:`jmp.pipeline.run` until the next commit splits it by concept)."""
+
+from jmp.pipeline.run import (
+    SCHEDULES,
+    STAGE,
+    Batch,
+    PipelinedGPT,
+    Schedule,
+    ScheduleName,
+    StageSplit,
+    block_flops,
+    block_params,
+    check_pipeline,
+    check_stages,
+    make_loss_fn,
+    make_schedule,
+    pipeline_loss,
+    pipeline_loss_and_grads,
+    run_blocks,
+    split_microbatches,
+    split_stages,
+    stack_params,
+    unstack_params,
+)
+
+__all__ = [
+    "SCHEDULES",
+    "STAGE",
+    "Batch",
+    "PipelinedGPT",
+    "Schedule",
+    "ScheduleName",
+    "StageSplit",
+    "block_flops",
+    "block_params",
+    "check_pipeline",
+    "check_stages",
+    "make_loss_fn",
+    "make_schedule",
+    "pipeline_loss",
+    "pipeline_loss_and_grads",
+    "run_blocks",
+    "split_microbatches",
+    "split_stages",
+    "stack_params",
+    "unstack_params",
+]
