@@ -98,8 +98,9 @@ def run_training(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rule
                                    mesh=mesh, rules=rules, seed=cfg.seed)
                 state, metrics = step_fn(state, batch)  # a non-finite update is not applied
                 row = {"step": k + 1, **{n: float(v) for n, v in metrics.items()}}
-                if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
-                    bad = "loss" if not math.isfinite(row["loss"]) else "grad_norm"
+                bad = next((m for m in ("loss", "grad_norm")
+                            if not math.isfinite(row[m])), None)
+                if bad:
                     if not skip_nonfinite:
                         raise NonFiniteError(
                             f"Non-finite {bad}={row[bad]} at step {k + 1}; stopped. The last "
@@ -123,9 +124,11 @@ def run_training(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rule
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
                 if ckpt and checkpoint_every and (k + 1) % checkpoint_every == 0:
+                    _check_finite_params(state, k + 1)
                     ckpt.save(k + 1, state, meta=_checkpoint_meta(meta, k + 1))
                 advance(row)
         if ckpt and cfg.steps > start and ckpt.latest_step() != cfg.steps:
+            _check_finite_params(state, cfg.steps)
             ckpt.save(cfg.steps, state, meta=_checkpoint_meta(meta, cfg.steps))
     finally:
         if ckpt:
@@ -167,6 +170,19 @@ def _build(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rules,
                                           schedule=schedule))
     evaluate = make_loss_fn(mesh=mesh, num_microbatches=cfg.microbatches, schedule="gpipe")
     return model, step, make_eval_step(model, mesh, rules, loss_fn=evaluate)
+
+
+def _check_finite_params(state: TrainState, step: int) -> None:
+    """Refuse to checkpoint non-finite parameters (finite gradients can still overflow them).
+
+    The step itself never applies a non-finite loss or gradient; this catches the rarer
+    overflow in the update, once per checkpoint rather than in every step.
+    """
+    finite = jax.tree.reduce(lambda a, b: a & b,
+                             jax.tree.map(lambda x: jax.numpy.isfinite(x).all(), state.params))
+    if not bool(finite):
+        raise NonFiniteError(f"Non-finite parameters at step {step} (an update overflowed); not "
+                             f"checkpointed, the last good checkpoint is kept. Fix: lower --lr.")
 
 
 def _checkpoint_meta(meta: dict[str, Any], step: int) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -180,3 +181,49 @@ def test_empty_data_file_is_a_clear_error(tmp_path):
     done = run_jmp("train", *TINY, "--steps", "2", "--out", str(tmp_path / "r"), "--data",
                    str(empty), timeout=120)
     assert done.returncode == 2 and "train split has" in done.stderr, done.stderr
+
+
+def test_nonfinite_stops_naming_step_and_keeps_the_last_good_checkpoint(tmp_path, make_mesh):
+    mesh = make_mesh("data=2,model=4")
+    rules = jmp.rules.preset("dp_tp", mesh)
+    out = str(tmp_path / "nan")
+    exploding = TrainConfig(steps=10, batch_size=8, lr=1e8, warmup_steps=0, eval_every=100)
+    with pytest.raises(jmp.loop.NonFiniteError,
+                       match=r"Non-finite (loss|grad_norm)=(nan|inf) at step 3;"):
+        run_training(CFG, exploding, mesh, rules, DATA, out_dir=out, checkpoint_every=2)
+    ckpt = Checkpointer(os.path.join(out, "checkpoints"), create=False)
+    assert ckpt.latest_step() == 2  # nothing written after the bad step
+    model = jmp.shard_init(lambda rngs: GPT(CFG, rngs=rngs), mesh, rules)
+    step = make_step(model, make_optimizer(exploding), mesh, rules)
+    state = ckpt.restore(2, target=step.abstract_state())
+    ckpt.close()
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
+def test_skip_nonfinite_counts_and_goes_on(make_mesh):
+    mesh = make_mesh("data=2,model=4")
+    rules = jmp.rules.preset("dp_tp", mesh)
+    exploding = TrainConfig(steps=6, batch_size=8, lr=1e8, warmup_steps=0, eval_every=100)
+    result = run_training(CFG, exploding, mesh, rules, DATA, skip_nonfinite=True)
+    assert result.skipped == 4 and [r.get("skipped", 0) for r in result.history] == [
+        0, 0, 1, 2, 3, 4]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result.state.params))
+
+
+def test_cli_nonfinite_is_exit_2(tmp_path):
+    done = run_jmp("train", *TINY, "--steps", "6", "--lr", "1e8", "--out", str(tmp_path / "r"),
+                   timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert re.search(r"Non-finite (loss|grad_norm|parameters)(=(nan|inf))? at step \d", done.stderr)
+    assert "Traceback" not in done.stderr
+
+
+def test_non_finite_parameters_are_never_checkpointed():
+    from jmp.loop import _check_finite_params
+    from jmp.train import TrainState
+
+    good = TrainState(np.int32(1), {"w": np.ones(3, np.float32)}, ())
+    _check_finite_params(good, 1)
+    bad = TrainState(np.int32(1), {"w": np.array([1.0, np.inf, 0.0], np.float32)}, ())
+    with pytest.raises(jmp.loop.NonFiniteError, match="Non-finite parameters at step 7"):
+        _check_finite_params(bad, 7)
