@@ -139,32 +139,51 @@ class GPT(nnx.Module):
     """
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs) -> None:
+        self._init_embedding(cfg, rngs)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self._init_output(cfg, rngs)
+
+    # The two ends are shared with jmp.pipeline.PipelinedGPT, which stacks the blocks instead;
+    # parameters are drawn in the same order (embedding, blocks, output), so one seed gives the
+    # same values in both.
+    def _init_embedding(self, cfg: GPTConfig, rngs: nnx.Rngs) -> None:
         self.cfg = cfg
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         mode: Mode = cfg.mode  # type: ignore[assignment]
-        self.embed = ParallelEmbed(cfg.vocab_size, cfg.d_model, mode=mode, dtype=dtype,
-                                   param_dtype=pdtype, rngs=rngs)
+        pdtype = jnp.dtype(cfg.param_dtype)
+        self.embed = ParallelEmbed(cfg.vocab_size, cfg.d_model, mode=mode,
+                                   dtype=jnp.dtype(cfg.dtype), param_dtype=pdtype, rngs=rngs)
         self.position = named_param(
             nnx.initializers.normal(0.02)(rngs.params(), (cfg.seq_len, cfg.d_model), pdtype),
             (None, "embed"))
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+
+    def _init_output(self, cfg: GPTConfig, rngs: nnx.Rngs) -> None:
+        mode: Mode = cfg.mode  # type: ignore[assignment]
+        pdtype = jnp.dtype(cfg.param_dtype)
         self.norm = RMSNorm(cfg.d_model, param_dtype=pdtype)
         self.head = ColumnParallelLinear(cfg.d_model, cfg.vocab_size, use_bias=False,
-                                         names=("embed", "vocab"), mode=mode, dtype=dtype,
-                                         param_dtype=pdtype,
+                                         names=("embed", "vocab"), mode=mode,
+                                         dtype=jnp.dtype(cfg.dtype), param_dtype=pdtype,
                                          kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Logits ``(batch, seq, vocab)`` (split over the vocabulary under tp)."""
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Token plus position embeddings ``(batch, seq, d_model)``."""
         seq = tokens.shape[-1]
         if seq > self.cfg.seq_len:
             raise ConfigError(f"sequence of {seq} tokens exceeds the model's seq_len="
                               f"{self.cfg.seq_len}.")
         x = self.embed(tokens) + self.position[:seq].astype(jnp.dtype(self.cfg.dtype))
-        x = constrain(x, ("batch", "seq", "embed"))
+        return constrain(x, ("batch", "seq", "embed"))
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and head: ``(batch, seq, vocab)``, split over the vocabulary under tp."""
+        return self.head(self.norm(x))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Logits ``(batch, seq, vocab)`` (split over the vocabulary under tp)."""
+        x = self.embed_tokens(tokens)
         for block in self.blocks:
             if self.cfg.remat:
                 x = nnx.remat(lambda b, h: b(h))(block, x)
             else:
                 x = block(x)
-        return self.head(self.norm(x))
+        return self.logits(x)

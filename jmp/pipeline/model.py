@@ -29,9 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jmp.context import constrain
 from jmp.errors import ConfigError
-from jmp.layers import ColumnParallelLinear, Mode, ParallelEmbed, RMSNorm, named_param
 from jmp.losses import cross_entropy
 from jmp.models.gpt import GPT, Block, GPTConfig
 from jmp.pipeline.split import check_stages
@@ -58,8 +56,10 @@ def _stack_states(states: list[nnx.State], num_stages: int) -> nnx.State:
     return jax.tree.map(stack, *states, is_leaf=_is_var)
 
 
-class PipelinedGPT(nnx.Module):
+class PipelinedGPT(GPT):
     """:class:`~jmp.models.gpt.GPT` with its blocks' parameters stacked per pipeline stage.
+
+    The embedding and output ends, ``embed_tokens`` and ``logits`` are GPT's own.
 
     ``blocks`` is one :class:`~jmp.models.gpt.Block` whose every parameter has two leading
     dims ``(num_stages, n_layers // num_stages)`` named ``('stage', 'layers')``. Parameters are
@@ -78,40 +78,17 @@ class PipelinedGPT(nnx.Module):
         problems = check_stages(cfg, num_stages)
         if problems:
             raise ConfigError("Cannot build PipelinedGPT: " + "; ".join(problems) + ".")
-        self.cfg, self.num_stages = cfg, num_stages
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        mode: Mode = cfg.mode  # type: ignore[assignment]
-        self.embed = ParallelEmbed(cfg.vocab_size, cfg.d_model, mode=mode, dtype=dtype,
-                                   param_dtype=pdtype, rngs=rngs)
-        self.position = named_param(
-            nnx.initializers.normal(0.02)(rngs.params(), (cfg.seq_len, cfg.d_model), pdtype),
-            (None, "embed"))
+        self.num_stages = num_stages
+        self._init_embedding(cfg, rngs)
         blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
         graphdef = nnx.split(blocks[0])[0]
         self.blocks = nnx.merge(graphdef, _stack_states([nnx.split(b)[1] for b in blocks],
                                                         num_stages))
-        self.norm = RMSNorm(cfg.d_model, param_dtype=pdtype)
-        self.head = ColumnParallelLinear(cfg.d_model, cfg.vocab_size, use_bias=False,
-                                         names=("embed", "vocab"), mode=mode, dtype=dtype,
-                                         param_dtype=pdtype,
-                                         kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self._init_output(cfg, rngs)
 
     @property
     def blocks_per_stage(self) -> int:
         return self.cfg.n_layers // self.num_stages
-
-    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        """Token plus position embeddings ``(batch, seq, d_model)``: the first stage's input."""
-        seq = tokens.shape[-1]
-        if seq > self.cfg.seq_len:
-            raise ConfigError(f"sequence of {seq} tokens exceeds the model's seq_len="
-                              f"{self.cfg.seq_len}.")
-        x = self.embed(tokens) + self.position[:seq].astype(jnp.dtype(self.cfg.dtype))
-        return constrain(x, ("batch", "seq", "embed"))
-
-    def logits(self, x: jax.Array) -> jax.Array:
-        """Final norm and head: ``(batch, seq, vocab)``, split over the vocabulary under tp."""
-        return self.head(self.norm(x))
 
     def head_loss(self, x: jax.Array, targets: jax.Array) -> jax.Array:
         """Mean cross-entropy of the logits of ``x``: the last stage's output."""
