@@ -62,7 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--seq", type=int, default=None)
     plan.add_argument("--dtype", default=None, help="compute dtype (default bf16 on GPUs)")
     plan.add_argument("--remat", action="store_true")
-    plan.add_argument("--microbatches", type=int, default=1)
+    plan.add_argument("--microbatches", type=int, default=1,
+                      help="gradient accumulation; for pp_* strategies the pipeline's M (the "
+                           "bubble is (S-1)/(M+S-1))")
+    plan.add_argument("--schedule", default="1f1b", choices=("1f1b", "gpipe"),
+                      help="pipeline schedule for pp_* strategies")
     plan.add_argument("--mem-fraction", type=float, default=None,
                       help="usable share of device memory (JAX's default on GPUs: 0.75)")
     plan.add_argument("--top", type=int, default=10)
@@ -309,7 +313,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = GPTConfig.named(args.model, **overrides)
     batch = args.batch or 8 * args.devices
     ranked = plan.search(cfg, args.devices, device, batch_size=batch,
-                         microbatches=args.microbatches, include_unfit=args.all)
+                         microbatches=args.microbatches, include_unfit=args.all,
+                         schedule=args.schedule)
     console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(f"[bold]jmp plan[/] model={args.model} ({cfg.num_params() / 1e9:.2f}B params, "
                   f"{dtype} compute) devices={args.devices}x{device.name} batch={batch}x"

@@ -28,6 +28,21 @@ simulated CPU devices (``tests/test_plan.py``) for every strategy:
   all-reduced over that axis, twice (``clip_by_global_norm`` and the ``grad_norm`` metric are not
   merged by XLA).
 
+Pipelines (``pp``, ``pp_dp``, ``pp_tp``, ``pp_dp_tp``: :mod:`jmp.pipeline` with ``microbatches``
+as its M and ``schedule`` '1f1b' or 'gpipe'), also checked against compiled steps: each stage
+holds its ``n_layers / S`` stacked blocks, the embedding, position, final norm and head are
+replicated over ``'stage'`` (so is their optimizer state). Per step a stage runs ``M + S - 1``
+forward and as many backward ticks; every stage computes the embedding and head every tick.
+Over ``'stage'``: one collective-permute of a microbatch's activations per tick and direction
+(1F1B: less the sends XLA finds dead once it inlines a one-tick phase, i.e. the last backward
+send when S = 2), one all-reduce of the replicated ends' gradients, the loss and the norm sums.
+Within a stage the tensor axis adds the Megatron all-reduces per forward (1F1B: forward ticks
+plus the recompute in its backward ticks) and backward, and the batch axis all-reduces every
+gradient once per backward tick (not once per step); with the vocabulary whole the embedding's
+gradient is an all-gather of the output gradient and the ids instead. Memory: GPipe keeps
+``M + S - 1`` ticks' activations, 1F1B ``min(M, 2S - 1)`` stage inputs and one microbatch's
+activations. Time: ``compute * (M + S - 1) / M + comm``; the ``reason`` states the bubble.
+
 What depends on the backend is a property of :class:`Device` (``platform``): XLA's GPU compiler
 turns "all-reduce then keep my slice" into a reduce-scatter (so FSDP gradients are
 reduce-scattered), its CPU compiler does not; and on CPU 16-bit values travel as float32.
@@ -99,12 +114,14 @@ class Device:
 
 
 #: The strategies the cost model covers, with the mesh axes each one splits. The pipeline ones
-#: (``pp*``) are not modelled yet: their bubble and stage memory are measured by
-#: ``benchmarks/pipeline.py`` instead.
+#: (``pp*``) stack the blocks over ``'stage'`` (``jmp.pipeline``) and run the rest within a stage.
 _NEEDS = {"dp": ("data",), "fsdp": ("data",), "tp": ("model",), "dp_tp": ("data", "model"),
-          "fsdp_tp": ("data", "model")}
+          "fsdp_tp": ("data", "model"), "pp": ("stage",), "pp_dp": ("stage", "data"),
+          "pp_tp": ("stage", "model"), "pp_dp_tp": ("stage", "data", "model")}
 STRATEGIES = tuple(_NEEDS)
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 
+STAGE_AXIS = "stage"
 MiB, GiB = 2**20, 2**30
 #: Public figures: dense bf16 tensor-core peak FLOP/s; memory as ``nvidia-smi`` reports it (the
 #: marketing "80 GB" is 81559 MiB); NVLink bandwidth per direction. JAX preallocates 75% of it
@@ -177,11 +194,12 @@ class _Layout(NamedTuple):
         return {a for dim in self.axes for a in dim}
 
 
-def _layouts(cfg: GPTConfig, rules: Rules, mesh: AbstractMesh) -> list[_Layout]:
+def _layouts(cfg: GPTConfig, rules: Rules, mesh: AbstractMesh,
+             arrays: list[ParamArray] | None = None) -> list[_Layout]:
     """Resolve every array strictly (jmp's own rules), or raise one ShardingError listing all."""
     problems: list[str] = []
     out = []
-    for arr in param_arrays(cfg):
+    for arr in param_arrays(cfg) if arrays is None else arrays:
         spec, found = resolve(arr.names, rules.params_dict, shape=arr.shape, mesh=mesh,
                               path=arr.path)
         problems += found
@@ -241,6 +259,8 @@ class Estimate:
     mfu: float
     fits: bool
     reason: str
+    schedule: str | None = None  # pipeline strategies: '1f1b' or 'gpipe'
+    bubble: float = 0.0  # pipeline idle share of the compute: (S - 1) / (M + S - 1)
 
     @property
     def mesh(self) -> str:
@@ -263,7 +283,8 @@ def _ring_factor(kind: str, n: int) -> float:
     """Bytes each device sends per result byte, for a ring of n devices."""
     if n <= 1:
         return 0.0
-    return {"all-reduce": 2 * (n - 1) / n, "reduce-scatter": n - 1}.get(kind, (n - 1) / n)
+    return {"all-reduce": 2 * (n - 1) / n, "reduce-scatter": n - 1,
+            "collective-permute": 1.0}.get(kind, (n - 1) / n)
 
 
 class _Ctx(NamedTuple):
@@ -432,7 +453,155 @@ def _flops(cfg: GPTConfig, tokens: int, seq: int, remat: bool) -> tuple[float, f
     model = 6 * n_mm * tokens + 6 * cfg.n_layers * seq * d * tokens
     return model, model * (4 / 3 if remat else 1)
 
+# --- pipelines -------------------------------------------------------------------------------
 
+
+def pipeline_arrays(cfg: GPTConfig, num_stages: int, /) -> list[ParamArray]:
+    """The parameter arrays of ``PipelinedGPT(cfg, num_stages=S)``: each block parameter stacked
+    ``(stage, layers, ...)`` (one array per role, path ``blocks/...``); the ends as in ``GPT``."""
+    per = cfg.n_layers // num_stages
+    out = []
+    for arr in param_arrays(cfg):
+        if arr.layer is None:
+            out.append(arr)
+        elif arr.layer == 0:
+            out.append(ParamArray("blocks/" + arr.path.split("/", 2)[2],
+                                  (num_stages, per, *arr.shape), ("stage", "layers", *arr.names),
+                                  arr.role))
+    return out
+
+
+def _pipeline_sends(schedule: str, S: int, M: int) -> int:
+    """Collective-permutes of one stage per step: one per tick and direction, less the dead ones.
+
+    GPipe: the forward scan sends every tick, its transpose sends back every tick. 1F1B runs one
+    ``scan`` per phase (warm-up, steady, cool-down); XLA inlines a scan of one tick, and then a
+    send whose result no later phase reads is dead code (with S = 2 the cool-down's last send of
+    an input gradient). In a scan of more ticks the send stays in the loop body.
+    """
+    from jmp.pipeline.schedule import make_schedule
+
+    plan = make_schedule(schedule, S, M)
+    if schedule == "gpipe":
+        return 2 * (M + S - 1)
+    phases = plan.phases()
+    sends = 0
+    for i, (lo, hi, do_f, do_b) in enumerate(phases):
+        later_f = any(p[2] for p in phases[i + 1:])
+        later_b = any(p[3] for p in phases[i + 1:])
+        for does, later in ((do_f, later_f), (do_b, later_b)):
+            if does:
+                sends += hi - lo if hi - lo > 1 or later else 0
+    return sends
+
+
+def _pipeline_comms(c: _Ctx, S: int, schedule: str) -> list[Comm]:
+    """Every collective of a pipelined step (``jmp.pipeline.make_loss_fn`` in ``make_step``).
+
+    Each stage runs ``ticks = M + S - 1`` forward ticks and as many backward ticks (GPipe's are
+    autodiff's transpose of its forward scan; 1F1B's recompute the stage's forward inside a
+    ``jax.vjp``). Every stage computes the embedding and the head every tick (SPMD: a select
+    keeps the first's and the last's), so their collectives run every tick too.
+    """
+    cfg, M = c.cfg, c.micro
+    ticks, per = M + S - 1, cfg.n_layers // S
+    by_role = {x.array.role: x for x in c.layouts if not x.array.path.startswith("norm")}
+    act = c.rows * c.seq * cfg.d_model * c.wire
+    out = [Comm("collective-permute", STAGE_AXIS, act, _pipeline_sends(schedule, S, M),
+                "stage activations forward / input gradients backward (neighbours only)"),
+           Comm("all-reduce", STAGE_AXIS, 4, 1, "loss summed over stages")]
+    for lay in c.layouts:
+        if STAGE_AXIS not in lay.split_axes:
+            local = math.prod(lay.array.shape) // lay.split(c.mesh) * c.pwire
+            out.append(Comm("all-reduce", STAGE_AXIS, local, 1,
+                            f"{lay.array.path} gradient summed over stages (replicated end)"))
+
+    def tensor_axis(role: str) -> str | None:
+        axes = by_role[role].split_axes - set(c.batch_axes) - {STAGE_AXIS}
+        return _one_axis(axes, f"the {role} split") if axes else None
+
+    vocab, heads, mlp = tensor_axis("head"), tensor_axis("qkv"), tensor_axis("up")
+    # forward computations of a stage per step: GPipe once per tick; 1F1B in its forward ticks
+    # and again (recomputed) in its backward ticks. Losses and backwards: once per tick.
+    fwd = ticks * (2 if schedule == "1f1b" else 1)
+    for axis, n_fwd, n_bwd, what in ((heads, 1 + c.remat, 1, "attention"),
+                                     (mlp, 1, 1, "MLP")):
+        if axis:
+            out += [Comm("all-reduce", axis, act, per * fwd * n_fwd,
+                         f"{what} row-parallel output forward, {per} layer(s)"
+                         + (" (+ remat recompute)" if n_fwd > 1 else "")),
+                    Comm("all-reduce", axis, act, per * ticks * n_bwd,
+                         f"{what} column-parallel input gradient backward, {per} layer(s)")]
+    if vocab:
+        tok = c.rows * c.seq * 4
+        out += [Comm("all-reduce", vocab, act, fwd, "embedding vocab-parallel lookup forward"),
+                Comm("all-reduce", vocab, act, ticks, "head input gradient backward"),
+                Comm("all-reduce", vocab, tok, 3 * ticks,
+                     "cross-entropy max, sum of exp, target logit over the split vocabulary")]
+    if c.batch_axes:
+        data = _one_axis(c.batch_axes, "the batch split")
+        ways = c.mesh[data]
+        out.append(Comm("all-reduce", data, 4, ticks, "mean loss over the batch split"))
+        for lay in c.layouts:
+            arr = lay.array
+            local = math.prod(arr.shape) // lay.split(c.mesh) * c.pwire
+            if arr.role == "position":
+                local = local * c.seq // arr.shape[0]
+            if arr.role == "embedding" and not lay.split_axes:
+                # jnp.take's transpose (a scatter-add) on a batch-split cotangent: XLA gathers
+                # the cotangent and the ids over the batch axis instead of reducing the table
+                out += [Comm("all-gather", data, c.rows * ways * c.seq * cfg.d_model * c.wire,
+                             ticks, "embedding output gradient gathered for the scatter-add"),
+                        Comm("all-gather", data, c.rows * ways * c.seq * 4, ticks,
+                             "token ids gathered for the embedding scatter-add")]
+                continue
+            layers = arr.shape[1] if STAGE_AXIS in lay.split_axes else 1
+            out.append(Comm("all-reduce", data, local // layers, ticks * layers,
+                            f"{arr.path} gradient all-reduce every backward tick"
+                            + (f", per layer ({layers})" if layers > 1 else "")))
+    norm: dict[str, int] = defaultdict(int)
+    for lay in c.layouts:
+        for a in lay.split_axes:
+            norm[a] += 1
+    out += [Comm("all-reduce", a, 4, 2 * k, f"gradient norm partial sums ({k} arrays x clip "
+                 f"and metric)") for a, k in norm.items()]
+    return out
+
+
+def _pipeline_activations(c: _Ctx, S: int, schedule: str, cb: int) -> int:
+    """Activations alive at the peak on one stage (see :mod:`jmp.pipeline.run`).
+
+    GPipe keeps what autodiff saves for each of the ``M + S - 1`` ticks of its forward scan (a
+    stage's blocks, and the embedding and head every stage computes); with remat only the block
+    inputs. 1F1B keeps ``min(M, 2S - 1)`` stage inputs (its stash) plus one microbatch's
+    activations inside the ``jax.vjp`` being pulled back.
+    """
+    cfg = c.cfg
+    by_role = {x.array.role: x for x in c.layouts if not x.array.path.startswith("norm")}
+    d, f, h, per = cfg.d_model, cfg.hidden, cfg.n_heads, cfg.n_layers // S
+    t_h, t_f, t_v = (by_role[r].split(c.mesh, by_role[r].split_axes - set(c.batch_axes)
+                                      - {STAGE_AXIS}) for r in ("qkv", "up", "head"))
+    tokens = c.rows * c.seq
+    x = tokens * d * cb
+    block = tokens * cb * (4 * d + (4 * d + h * c.seq) // t_h + 2 * f // t_f)
+    ends = tokens * cfg.vocab_size // t_v * (cb + 4 + (cb if t_v > 1 else 0)) + x
+    one = (x * per + block if c.remat else block * per) + ends
+    if schedule == "gpipe":
+        return (c.micro + S - 1) * one
+    return min(c.micro, 2 * S - 1) * x + one
+
+
+def _pipeline_flops(cfg: GPTConfig, tokens: int, seq: int, remat: bool, S: int,
+                    schedule: str) -> tuple[float, float]:
+    """(model FLOPs, executed FLOPs): every stage also runs the head (S - 1 wasted copies), and
+    1F1B recomputes each stage's forward (blocks and head) inside its ``jax.vjp``."""
+    model, executed = _flops(cfg, tokens, seq, remat)
+    head = 2 * cfg.d_model * cfg.vocab_size * tokens  # one forward of the head
+    executed += 3 * head * (S - 1)
+    if schedule == "1f1b":
+        blocks = (model - 3 * head) / 3  # one forward of the blocks
+        executed += blocks + head * S
+    return model, executed
 
 
 def _fmt_time(s: float) -> str:
@@ -440,12 +609,17 @@ def _fmt_time(s: float) -> str:
 
 
 def _check_inputs(cfg: GPTConfig, strategy: str, mesh_shape: Mapping[str, int], batch_size: int,
-                  seq_len: int, microbatches: int, optimizer: str) -> None:
+                  seq_len: int, microbatches: int, optimizer: str, schedule: str) -> None:
     problems = []
     if strategy not in STRATEGIES:
         raise ConfigError(f"Strategy {strategy!r} is not in the planner's cost model, which "
-                          f"covers {', '.join(STRATEGIES)} (pipeline strategies are not "
-                          f"modelled yet).")
+                          f"covers {', '.join(STRATEGIES)}.")
+    if schedule not in PIPELINE_SCHEDULES:
+        problems.append(f"schedule={schedule!r} must be one of {PIPELINE_SCHEDULES}")
+    if strategy.startswith("pp") and isinstance(mesh_shape.get(STAGE_AXIS), int):
+        from jmp.pipeline.split import check_stages
+
+        problems += check_stages(cfg, mesh_shape[STAGE_AXIS])
     if not mesh_shape or any(not isinstance(n, int) or n < 1 for n in mesh_shape.values()):
         problems.append(f"mesh_shape={dict(mesh_shape)!r} must map axis names to sizes >= 1")
     for name, value in (("batch_size", batch_size), ("microbatches", microbatches),
@@ -481,7 +655,7 @@ def estimate(cfg: GPTConfig, mesh_shape: Mapping[str, int], strategy: str, /, *,
              batch_size: int, seq_len: int | None = None, microbatches: int = 1,
              remat: bool | None = None, device: Device | str = "cpu",
              param_bytes: int | None = None, compute_bytes: int | None = None,
-             optimizer: str = "adamw") -> Estimate:
+             optimizer: str = "adamw", schedule: str = "1f1b") -> Estimate:
     """Predict memory, collectives, FLOPs and time per device of one train step.
 
     Args:
@@ -496,6 +670,9 @@ def estimate(cfg: GPTConfig, mesh_shape: Mapping[str, int], strategy: str, /, *,
             ``cfg.param_dtype`` / ``cfg.dtype``).
         optimizer: ``'adamw'`` (two moments in the parameters' dtype, as optax keeps them, and
             two int32 counts) or ``'sgd'`` (no state).
+        schedule: pipeline strategies (``pp*``): ``'1f1b'`` or ``'gpipe'``, as
+            ``jmp.pipeline.make_loss_fn`` runs it; ``microbatches`` is then the pipeline's M
+            (``jmp.loop`` passes ``TrainConfig.microbatches``), not gradient accumulation.
 
     Raises:
         ConfigError: unknown strategy or device, bad sizes, a batch the batch axes do not divide.
@@ -508,32 +685,43 @@ def estimate(cfg: GPTConfig, mesh_shape: Mapping[str, int], strategy: str, /, *,
         {'model': 1316960}
     """
     seq = cfg.seq_len if seq_len is None else seq_len
-    _check_inputs(cfg, strategy, mesh_shape, batch_size, seq, microbatches, optimizer)
+    _check_inputs(cfg, strategy, mesh_shape, batch_size, seq, microbatches, optimizer, schedule)
     dev = get_device(device)
     remat = cfg.remat if remat is None else remat
     pb = param_bytes or _itemsize(cfg.param_dtype)
     cb = compute_bytes or _itemsize(cfg.dtype)
     amesh = AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape))
     rules = preset(strategy, amesh)
-    layouts = _layouts(cfg, rules, amesh)
+    pipe = strategy.startswith("pp")
+    S = mesh_shape[STAGE_AXIS] if pipe else 1
+    layouts = _layouts(cfg, rules, amesh, pipeline_arrays(cfg, S) if pipe else None)
     batch_axes, rows = _batch_rows(rules, amesh, batch_size, microbatches)
     sizes = dict(mesh_shape)
     cpu = dev.platform == "cpu"  # XLA:CPU upcasts 16-bit collectives and has no reduce-scatter
     ctx = _Ctx(cfg, sizes, layouts, batch_axes, rows, seq, microbatches, remat,
                max(cb, 4) if cpu else cb, max(pb, 4) if cpu else pb, not cpu)
-    comm = tuple(_tensor_comms(ctx) + _batch_comms(ctx) + _norm_comms(ctx))
+    if pipe:
+        comm = tuple(c for c in _pipeline_comms(ctx, S, schedule) if c.count)
+    else:
+        comm = tuple(_tensor_comms(ctx) + _batch_comms(ctx) + _norm_comms(ctx))
     comm_bytes: dict[str, int] = defaultdict(int)
     for c in comm:
         comm_bytes[c.axis] += c.total_bytes
     local = sum(math.prod(x.array.shape) // x.split(sizes) for x in layouts) * pb
     opt = 2 * local + 8 if optimizer == "adamw" else 0
-    acts = _activation_bytes(ctx, ctx.wire, flash=not cpu and cb == 2)  # CPU computes in f32
-    gathered = _gathered_bytes(ctx, pb)
-    grads = local * (2 if microbatches > 1 else 1)  # accumulated + this microbatch's
+    if pipe:  # gradients accumulate over the ticks: the running sum + this tick's
+        acts, gathered, grads = _pipeline_activations(ctx, S, schedule, ctx.wire), 0, 2 * local
+        model_flops, executed = _pipeline_flops(cfg, batch_size * seq, seq, remat, S, schedule)
+    else:
+        acts = _activation_bytes(ctx, ctx.wire, flash=not cpu and cb == 2)  # CPU computes f32
+        gathered = _gathered_bytes(ctx, pb)
+        grads = local * (2 if microbatches > 1 else 1)  # accumulated + this microbatch's
+        model_flops, executed = _flops(cfg, batch_size * seq, seq, remat)
     total = local + grads + opt + 4 + acts + gathered
     n_dev = math.prod(sizes.values())
-    model_flops, executed = _flops(cfg, batch_size * seq, seq, remat)
-    compute_time = executed / n_dev / dev.peak_flops
+    # the bubble: a stage works M of its M + S - 1 ticks (forward and backward alike)
+    bubble = (S - 1) / (microbatches + S - 1) if pipe else 0.0
+    compute_time = executed / n_dev / dev.peak_flops / (1 - bubble)
     comm_time = sum(c.total_bytes * _ring_factor(c.kind, sizes[c.axis]) for c in comm)
     comm_time /= dev.link_bandwidth
     step_time = compute_time + comm_time
@@ -545,9 +733,13 @@ def estimate(cfg: GPTConfig, mesh_shape: Mapping[str, int], strategy: str, /, *,
               f"{human_bytes(sum(comm_bytes.values()))} communicated per step, step "
               f"{_fmt_time(step_time)} ({_fmt_time(compute_time)} compute + "
               f"{_fmt_time(comm_time)} comm), MFU {mfu:.0%}")
+    if pipe:
+        reason += (f", {schedule} with {microbatches} microbatches over {S} stages: bubble "
+                   f"{bubble:.0%} of the compute ((S-1)/(M+S-1))")
     return Estimate(strategy, sizes, dev, batch_size, seq, microbatches, remat, local, grads,
                     opt, acts, gathered, total, comm, dict(comm_bytes), model_flops / n_dev,
-                    compute_time, comm_time, step_time, mfu, fits, reason)
+                    compute_time, comm_time, step_time, mfu, fits, reason,
+                    schedule if pipe else None, bubble)
 
 
 def _itemsize(dtype: str) -> int:
@@ -561,8 +753,7 @@ def candidate_shapes(strategy: str, n_devices: int, /) -> list[dict[str, int]]:
     """Mesh shapes for ``strategy`` on ``n_devices``, every axis it uses of size > 1."""
     if strategy not in _NEEDS:
         raise ConfigError(f"Strategy {strategy!r} is not in the planner's cost model, which "
-                          f"covers {', '.join(STRATEGIES)} (pipeline strategies are not "
-                          f"modelled yet).")
+                          f"covers {', '.join(STRATEGIES)}.")
     shapes = fitting_shapes(_NEEDS[strategy], n_devices)
     return [s for s in shapes if n_devices == 1 or all(v > 1 for v in s.values())]
 
@@ -570,12 +761,14 @@ def candidate_shapes(strategy: str, n_devices: int, /) -> list[dict[str, int]]:
 def search(cfg: GPTConfig, n_devices: int, device: Device | str, /, *, batch_size: int,
            seq_len: int | None = None, strategies: Sequence[str] = STRATEGIES,
            microbatches: int = 1, remat: bool | None = None,
-           include_unfit: bool = False) -> list[Estimate]:
+           include_unfit: bool = False, schedule: str = "1f1b") -> list[Estimate]:
     """Every (strategy, mesh shape) jmp accepts on ``n_devices``, fitting ones ranked by step time.
 
     A candidate is dropped when ``jmp.rules.preset`` rejects the mesh, a parameter dimension is
-    not divisible by its mesh axes, or the batch does not split; then it is kept if it fits in
-    memory (or always, after the fitting ones, with ``include_unfit``).
+    not divisible by its mesh axes, the batch does not split, or (pipelines) the ``'stage'``
+    size does not divide ``n_layers``; then it is kept if it fits in memory (or always, after
+    the fitting ones, with ``include_unfit``). Pipeline strategies use ``microbatches`` as their
+    M and ``schedule``; their ``reason`` states the bubble.
 
     Example:
         >>> best = search(GPTConfig.named("7b"), 64, "h100", batch_size=256)[0]
@@ -595,7 +788,7 @@ def search(cfg: GPTConfig, n_devices: int, device: Device | str, /, *, batch_siz
             try:
                 found.append(estimate(cfg, shape, strategy, batch_size=batch_size,
                                       seq_len=seq_len, microbatches=microbatches, remat=remat,
-                                      device=dev))
+                                      device=dev, schedule=schedule))
             except JmpError:
                 continue  # the strategy does not apply to this shape: not a candidate
     found.sort(key=lambda e: (not e.fits, e.step_time, e.total_bytes))

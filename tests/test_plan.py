@@ -179,7 +179,9 @@ def test_search_keeps_exactly_what_jmp_accepts():
         abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
     kept = {(e.strategy, e.mesh) for e in plan.search(cfg, 8, "cpu", batch_size=8,
                                                       include_unfit=True)}
-    for strategy in plan.STRATEGIES:  # the strategies the cost model covers
+    # n_layers=1: no pipeline (a stage axis > 1 has no block to hold)
+    assert not {s for s, _ in kept if s.startswith("pp")}
+    for strategy in [s for s in plan.STRATEGIES if not s.startswith("pp")]:
         for shape in plan.candidate_shapes(strategy, 8):
             mesh = jmp.make_mesh(shape)
             try:
@@ -205,8 +207,10 @@ def test_bad_input_errors():
         plan.estimate(cfg, {"data": 8}, "dp", batch_size=8, device="tpu9")
     with pytest.raises(jmp.ConfigError, match="Strategy 'zero3' is not in the.*fsdp_tp"):
         plan.estimate(cfg, {"data": 8}, "zero3", batch_size=8)
-    with pytest.raises(jmp.ConfigError, match="pipeline strategies are not modelled"):
+    with pytest.raises(jmp.ConfigError, match="n_layers=2"):
         plan.estimate(cfg, {"stage": 4, "data": 2}, "pp_dp", batch_size=8)
+    with pytest.raises(jmp.ConfigError, match="schedule='zb'"):
+        plan.estimate(cfg, {"stage": 2, "data": 4}, "pp_dp", batch_size=8, schedule="zb")
     with pytest.raises(jmp.ConfigError, match=r"Strategies \['zero3'\] are not"):
         plan.search(cfg, 8, "cpu", batch_size=8, strategies=["dp", "zero3"])
     with pytest.raises(jmp.ShardingError, match="needs mesh axes"):
@@ -219,3 +223,79 @@ def test_bad_input_errors():
         plan.estimate(cfg, {"data": 8}, "dp", batch_size=8, seq_len=128)
     with pytest.raises(jmp.ConfigError, match="positive"):
         plan.Device("x", 0, 1, 1)
+
+
+# --- pipelines ---------------------------------------------------------------------------------
+
+PP_CFG = GPTConfig.named("tiny", n_layers=4)
+PP_MESHES = [("pp_dp", "stage=2,data=4"), ("pp_dp", "stage=4,data=2"),
+             ("pp_dp_tp", "stage=2,data=2,model=2")]
+PP_CASES = [pytest.param(st, spec, k, schedule, id=f"{spec}-M{k}S-{schedule}")
+            for st, spec in PP_MESHES for k in (1, 2) for schedule in ("1f1b", "gpipe")]
+
+
+@pytest.mark.parametrize(("strategy", "spec", "k", "schedule"), PP_CASES)
+def test_pipeline_prediction_matches_compiled_step(strategy, spec, k, schedule, make_mesh):
+    """The step jmp.loop._build makes for a 'stage' mesh, compiled from abstract shapes."""
+    from jmp.pipeline import PipelinedGPT, make_loss_fn
+
+    mesh = make_mesh(spec)
+    S = mesh.shape["stage"]
+    M = k * S
+    rules = jmp.rules.preset(strategy, mesh)
+    with nnx.use_eager_sharding(False):  # shapes only: jmp.loop._build shard_inits the same
+        model = nnx.eval_shape(lambda: PipelinedGPT(PP_CFG, num_stages=S, rngs=nnx.Rngs(0)))
+    step = make_step(model, make_optimizer(TrainConfig(batch_size=BATCH)), mesh, rules,
+                     loss_fn=make_loss_fn(mesh=mesh, num_microbatches=M, schedule=schedule))
+    batch = step.abstract_batch(BATCH, PP_CFG.seq_len)
+    compiled = step.lower(step.abstract_state(), batch).compile()
+    est = plan.estimate(PP_CFG, dict(mesh.shape), strategy, batch_size=BATCH, microbatches=M,
+                        schedule=schedule, device="cpu")
+
+    found = jmp.inspect.collectives(compiled, mesh)
+    measured = measured_per_axis(found)
+    bad = {a: (est.comm_bytes.get(a, 0), measured.get(a, 0))
+           for a in set(est.comm_bytes) | set(measured)
+           if abs(est.comm_bytes.get(a, 0) - measured.get(a, 0)) > 0.05 * measured.get(a, 0)}
+    assert not bad, (
+        f"{strategy} {spec} M={M} {schedule}: bytes per axis (predicted, measured) differ by "
+        f"more than 5%: {bad}\nmeasured collectives (kind, axes, bytes, count):\n"
+        f"{describe_measured(found)}\npredicted:\n{est.comm_report()}")
+    permutes = jmp.inspect.count(found, "collective-permute", ("stage",))
+    assert permutes == sum(c.count for c in est.comm if c.kind == "collective-permute")
+
+    arrays = jmp.inspect.memory(compiled).arguments
+    batch_bytes = sum(x.sharding.shard_shape(x.shape)[0] * x.shape[1] * x.dtype.itemsize
+                      for x in batch)
+    state = arrays - batch_bytes
+    assert abs(est.state_bytes - state) <= 0.10 * state, (
+        f"params+optimizer: predicted {est.state_bytes:,d} B (params {est.params_bytes:,d}, "
+        f"optimizer {est.optimizer_bytes:,d}), compiled arguments minus batch {state:,d} B")
+    assert f"bubble {(S - 1) / (M + S - 1):.0%}" in est.reason
+
+
+def test_pipeline_memory_time_and_search():
+    cfg = GPTConfig.named("1b", dtype="bfloat16")
+    kw = dict(batch_size=64, device="h100", microbatches=8)
+    gpipe = plan.estimate(cfg, {"stage": 4, "data": 2}, "pp_dp", schedule="gpipe", **kw)
+    onef = plan.estimate(cfg, {"stage": 4, "data": 2}, "pp_dp", schedule="1f1b", **kw)
+    assert gpipe.params_bytes == onef.params_bytes
+    assert onef.activations_bytes < gpipe.activations_bytes / 3  # 2S-1 inputs vs M+S-1 ticks
+    assert gpipe.bubble == pytest.approx(3 / 11) and gpipe.schedule == "gpipe"
+    # the bubble stretches the compute by (M+S-1)/M; the S-1 extra heads are executed work
+    head = 2 * cfg.d_model * cfg.vocab_size * 64 * cfg.seq_len  # one forward, whole batch
+    executed = gpipe.flops * 8 + 3 * head * (4 - 1)
+    assert gpipe.compute_time == pytest.approx(executed / 8 / 989e12 * 11 / 8, rel=1e-6)
+    assert gpipe.step_time == pytest.approx(gpipe.compute_time + gpipe.comm_time)
+    # blocks over 4 stages, the ends replicated: a quarter of the blocks' bytes and every end
+    flat = plan.estimate(cfg, {"data": 8}, "dp", batch_size=64, device="h100")
+    ends = sum(math.prod(a.shape) for a in plan.param_arrays(cfg) if a.layer is None) * 4
+    assert gpipe.params_bytes == pytest.approx((flat.params_bytes - ends) / 4 + ends)
+
+    ranked = plan.search(cfg, 8, "h100", batch_size=64, microbatches=8, include_unfit=True)
+    pp = [e for e in ranked if e.strategy.startswith("pp")]
+    assert {e.strategy for e in pp} == {"pp", "pp_dp", "pp_tp", "pp_dp_tp"}
+    assert all(cfg.n_layers % e.mesh_shape["stage"] == 0 for e in pp)
+    assert all("bubble" in e.reason for e in pp)
+    assert [e.step_time for e in ranked if e.fits] == sorted(e.step_time for e in ranked
+                                                              if e.fits)
