@@ -62,10 +62,13 @@ def _is_main() -> bool:
 def evaluate(eval_step: Any, params: nnx.State, data: TextData, *, cfg: TrainConfig,
              seq_len: int, mesh: Mesh, rules: Rules) -> float:
     """Mean validation loss over ``cfg.eval_batches`` fixed batches."""
-    losses = [eval_step(params, data.batch(i, batch_size=cfg.batch_size, seq_len=seq_len,
-                                           mesh=mesh, rules=rules, seed=cfg.seed, split="val"))
+    # float() right away: one multi-device program in flight at a time. Several at once can
+    # starve XLA:CPU's collective rendezvous on a 2-core machine (seen: a 40 s abort).
+    losses = [float(eval_step(params, data.batch(i, batch_size=cfg.batch_size, seq_len=seq_len,
+                                                 mesh=mesh, rules=rules, seed=cfg.seed,
+                                                 split="val")))
               for i in range(cfg.eval_batches)]
-    return float(np.mean([float(x) for x in losses]))
+    return float(np.mean(losses))
 
 
 def run_training(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rules,
@@ -172,15 +175,21 @@ def _build(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rules,
     return model, step, make_eval_step(model, mesh, rules, loss_fn=evaluate)
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    # One compiled program: eager per-array checks would put dozens of small multi-device
+    # programs in flight at once, which can deadlock XLA:CPU's collectives.
+    return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all()
+                                          for x in jax.tree.leaves(tree)]))
+
+
 def _check_finite_params(state: TrainState, step: int) -> None:
     """Refuse to checkpoint non-finite parameters (finite gradients can still overflow them).
 
     The step itself never applies a non-finite loss or gradient; this catches the rarer
     overflow in the update, once per checkpoint rather than in every step.
     """
-    finite = jax.tree.reduce(lambda a, b: a & b,
-                             jax.tree.map(lambda x: jax.numpy.isfinite(x).all(), state.params))
-    if not bool(finite):
+    if not bool(_all_finite(state.params)):
         raise NonFiniteError(f"Non-finite parameters at step {step} (an update overflowed); not "
                              f"checkpointed, the last good checkpoint is kept. Fix: lower --lr.")
 
