@@ -1,0 +1,41 @@
+"""The analytic planner (see :mod:`jmp.plan.costs`); every public name is re-exported here."""
+
+from jmp.plan.costs import (
+    DEVICES,
+    PIPELINE_SCHEDULES,
+    STAGE_AXIS,
+    STRATEGIES,
+    Comm,
+    Device,
+    Estimate,
+    GiB,
+    MiB,
+    ParamArray,
+    candidate_shapes,
+    estimate,
+    format_table,
+    get_device,
+    param_arrays,
+    pipeline_arrays,
+    search,
+)
+
+__all__ = [
+    "DEVICES",
+    "PIPELINE_SCHEDULES",
+    "STAGE_AXIS",
+    "STRATEGIES",
+    "Comm",
+    "Device",
+    "Estimate",
+    "GiB",
+    "MiB",
+    "ParamArray",
+    "candidate_shapes",
+    "estimate",
+    "format_table",
+    "get_device",
+    "param_arrays",
+    "pipeline_arrays",
+    "search",
+]
