@@ -1,24 +1,34 @@
-"""The analytic planner (see :mod:`jmp.plan.costs`); every public name is re-exported here."""
+"""The analytic planner: memory, communication, FLOPs and time of a GPT train step, per device.
 
-from jmp.plan.costs import (
-    DEVICES,
-    PIPELINE_SCHEDULES,
-    STAGE_AXIS,
-    STRATEGIES,
-    Comm,
-    Device,
-    Estimate,
-    GiB,
-    MiB,
-    ParamArray,
-    candidate_shapes,
-    estimate,
-    format_table,
-    get_device,
-    param_arrays,
-    pipeline_arrays,
-    search,
-)
+Five modules, one concept each, imported one way (``search -> estimate -> pipeline_costs ->
+costs``, ``estimate -> devices``):
+
+- :mod:`~jmp.plan.devices`: :class:`Device`, the presets :data:`DEVICES`, :func:`get_device`.
+- :mod:`~jmp.plan.costs`: the parameter layouts (:func:`param_arrays`) and the cost terms of
+  the non-pipeline strategies: every collective (:class:`Comm`) XLA emits, activations, FLOPs.
+- :mod:`~jmp.plan.pipeline_costs`: the same for the pipeline strategies (``pp*``), per tick
+  (:func:`pipeline_arrays`).
+- :mod:`~jmp.plan.estimate`: :func:`estimate` checks the inputs, sums the cost terms into an
+  :class:`Estimate` and turns them into a roofline step time.
+- :mod:`~jmp.plan.search`: :func:`search` over :func:`candidate_shapes` and strategies, ranked
+  by step time; :func:`format_table` renders the ranking.
+
+Every public name is re-exported here, so ``jmp.plan.X`` does not depend on which module X
+lives in.
+
+Example:
+    >>> est = jmp.plan.estimate(GPTConfig.named("7b"), {"data": 8, "model": 8}, "fsdp_tp",
+    ...                         batch_size=64, device="h100")
+    >>> est.fits, est.comm_bytes["model"], f"{est.mfu:.0%}"
+    >>> ranked = jmp.plan.search(GPTConfig.named("7b"), 64, "h100", batch_size=256)
+    >>> console.print(jmp.plan.format_table(ranked[:5]))
+"""
+
+from jmp.plan.costs import Comm, ParamArray, param_arrays
+from jmp.plan.devices import DEVICES, Device, GiB, MiB, get_device
+from jmp.plan.estimate import PIPELINE_SCHEDULES, STRATEGIES, Estimate, estimate
+from jmp.plan.pipeline_costs import STAGE_AXIS, pipeline_arrays
+from jmp.plan.search import candidate_shapes, format_table, search
 
 __all__ = [
     "DEVICES",
