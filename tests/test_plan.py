@@ -49,6 +49,18 @@ def measured_per_axis(found) -> dict[str, int]:
     return dict(out)
 
 
+def assert_bytes_per_axis_match(est, found, label):
+    """Predicted bytes per mesh axis within 5% of the compiled step's; else show both lists."""
+    measured = measured_per_axis(found)
+    bad = {a: (est.comm_bytes.get(a, 0), measured.get(a, 0))
+           for a in set(est.comm_bytes) | set(measured)
+           if abs(est.comm_bytes.get(a, 0) - measured.get(a, 0)) > 0.05 * measured.get(a, 0)}
+    assert not bad, (
+        f"{label}: bytes per axis (predicted, measured) differ by more than 5%: {bad}\n"
+        f"measured collectives (kind, axes, bytes, count):\n{describe_measured(found)}\n"
+        f"predicted:\n{est.comm_report()}")
+
+
 def describe_measured(found) -> str:
     grouped: Counter = Counter()
     for c in found:
@@ -86,15 +98,8 @@ def test_prediction_matches_compiled_step(model, strategy, options, make_mesh):
                         microbatches=microbatches, device="cpu")
 
     found = jmp.inspect.collectives(compiled, mesh)
-    measured = measured_per_axis(found)
-    bad = {a: (est.comm_bytes.get(a, 0), measured.get(a, 0))
-           for a in set(est.comm_bytes) | set(measured)
-           if abs(est.comm_bytes.get(a, 0) - measured.get(a, 0)) > 0.05 * measured.get(a, 0)}
-    assert not bad, (
-        f"{model} {strategy} {options or ''} mb={microbatches}: bytes per axis "
-        f"(predicted, measured) differ by more than 5%: {bad}\n"
-        f"measured collectives (kind, axes, bytes, count):\n{describe_measured(found)}\n"
-        f"predicted:\n{est.comm_report()}")
+    assert_bytes_per_axis_match(est, found, f"{model} {strategy} {options or ''} "
+                                            f"mb={microbatches}")
 
     memory = jmp.inspect.memory(compiled)
     state = memory.arguments - batch_bytes
@@ -253,14 +258,7 @@ def test_pipeline_prediction_matches_compiled_step(strategy, spec, k, schedule, 
                         schedule=schedule, device="cpu")
 
     found = jmp.inspect.collectives(compiled, mesh)
-    measured = measured_per_axis(found)
-    bad = {a: (est.comm_bytes.get(a, 0), measured.get(a, 0))
-           for a in set(est.comm_bytes) | set(measured)
-           if abs(est.comm_bytes.get(a, 0) - measured.get(a, 0)) > 0.05 * measured.get(a, 0)}
-    assert not bad, (
-        f"{strategy} {spec} M={M} {schedule}: bytes per axis (predicted, measured) differ by "
-        f"more than 5%: {bad}\nmeasured collectives (kind, axes, bytes, count):\n"
-        f"{describe_measured(found)}\npredicted:\n{est.comm_report()}")
+    assert_bytes_per_axis_match(est, found, f"{strategy} {spec} M={M} {schedule}")
     permutes = jmp.inspect.count(found, "collective-permute", ("stage",))
     assert permutes == sum(c.count for c in est.comm if c.kind == "collective-permute")
 

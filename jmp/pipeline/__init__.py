@@ -19,7 +19,7 @@ which module X lives in.
 
 Example:
     >>> mesh = jmp.make_mesh("stage=4,data=2")
-    >>> rules = jmp.rules.preset("dp", mesh)
+    >>> rules = jmp.rules.preset("pp_dp", mesh)
     >>> model = jmp.shard_init(lambda r: PipelinedGPT(cfg, num_stages=4, rngs=r), mesh, rules)
     >>> with jmp.activate(mesh, rules):
     ...     loss, grads = jax.jit(functools.partial(pipeline_loss_and_grads, mesh=mesh,

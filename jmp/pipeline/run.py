@@ -31,10 +31,7 @@ What is not supported: ``GPTConfig.mode='manual'`` inside the pipeline (see
 data-parallel batch are all-reduced over ``'data'`` by the compiler once per backward tick, not
 once per step (as in :mod:`jmp.train`'s gradient accumulation).
 
-Example:
-    >>> mesh = jmp.make_mesh("stage=4,data=2")
-    >>> rules = jmp.rules.preset("dp", mesh)
-    >>> model = jmp.shard_init(lambda r: PipelinedGPT(cfg, num_stages=4, rngs=r), mesh, rules)
+Example (the whole setup is in the package docstring, :mod:`jmp.pipeline`):
     >>> with jmp.activate(mesh, rules):
     ...     loss, grads = jax.jit(functools.partial(pipeline_loss_and_grads, mesh=mesh,
     ...                                             num_microbatches=8))(model, batch)
