@@ -7,6 +7,8 @@ Example:
     >>> rules = jmp.rules.preset("dp_tp", mesh)
 """
 
+from typing import TYPE_CHECKING
+
 from jmp import (
     checkpoint,
     data,
@@ -33,6 +35,11 @@ from jmp.sharding import (
     partition_specs,
     shard_init,
 )
+
+if TYPE_CHECKING:
+    # not imported eagerly (`from jmp import *` and `import jmp.pipeline` load it); this lets
+    # type checkers see the name that __all__ lists
+    from jmp import pipeline
 
 __all__ = [
     "ConfigError",

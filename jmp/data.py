@@ -131,5 +131,6 @@ def local_rows(sharding: NamedSharding, shape: tuple[int, int]) -> list[int]:
     """Rows of the global batch held by this process's devices, in order."""
     rows: set[int] = set()
     for index in sharding.addressable_devices_indices_map(shape).values():
+        assert index is not None  # typed Optional, but a NamedSharding gives every device one
         rows.update(range(*index[0].indices(shape[0])))
     return sorted(rows)

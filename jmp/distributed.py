@@ -38,7 +38,7 @@ import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from jmp import rendezvous
 
@@ -292,7 +292,7 @@ def _pick(value: Any, env_name: str, name: str, kind: type = int) -> Any:
 
 def _check_total(expected: Any, total: int, how: str, num_processes: int) -> None:
     from jmp.errors import MeshError
-    from jmp.mesh import resolve_mesh_shape
+    from jmp.mesh import MeshSpec, resolve_mesh_shape
 
     if isinstance(expected, int) and not isinstance(expected, bool):
         if expected != total:
@@ -300,12 +300,14 @@ def _check_total(expected: Any, total: int, how: str, num_processes: int) -> Non
                 f"{expected} devices were asked for, but {how} give {total}. "
                 f"{_fix_counts(expected, num_processes)}")
         return
+    # not a count: a mesh spec, or a bad value (a bool too) that parsing the spec rejects
+    spec = cast(MeshSpec, expected)
     try:
-        resolve_mesh_shape(expected, total)
+        resolve_mesh_shape(spec, total)
     except MeshError as err:
         from jmp.mesh import parse_mesh_spec
 
-        sizes = parse_mesh_spec(expected).values()
+        sizes = parse_mesh_spec(spec).values()
         need = math.prod(sizes) if -1 not in sizes else None
         fix = _fix_counts(need, num_processes) if need else (
             "Fix: change the mesh or the process/device counts.")

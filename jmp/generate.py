@@ -17,10 +17,11 @@ from jax.sharding import Mesh
 
 from jmp.context import activate
 from jmp.errors import ConfigError
+from jmp.models.gpt import GPT
 from jmp.rules import Rules
 
 
-def generate(model: nnx.Module, prompt: str, /, *, mesh: Mesh, rules: Rules,
+def generate(model: GPT, prompt: str, /, *, mesh: Mesh, rules: Rules,
              max_new_tokens: int = 200, temperature: float = 0.0, seed: int = 0) -> str:
     """Continue ``prompt`` by ``max_new_tokens`` bytes; ``temperature=0`` is greedy."""
     if temperature < 0:

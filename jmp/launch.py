@@ -82,7 +82,8 @@ def launch(argv: Sequence[str], /, *, num_processes: int, local_devices: int,
     if num_processes < 1 or local_devices < 1 or not timeout_s > 0:
         raise ConfigError(f"Launching needs -n >= 1, --local-devices >= 1 and --timeout > 0; "
                           f"got {num_processes}, {local_devices}, {timeout_s}.")
-    out = out or sys.stdout
+    # declared: typeshed's sys.stdout is `TextIO | Any`, which would keep `None` in out's type
+    sink: IO[str] = out or sys.stdout
     coordinator = f"127.0.0.1:{free_port()}"
     program = [sys.executable, "-u", script] if script else [sys.executable, "-u", "-m", "jmp.cli"]
     lock = threading.Lock()
@@ -98,20 +99,20 @@ def launch(argv: Sequence[str], /, *, num_processes: int, local_devices: int,
             procs.append(proc)
             # one pipe per stream: C++ logging on stderr cannot split a line of stdout
             for stream in (proc.stdout, proc.stderr):
-                pump = threading.Thread(target=_pump, args=(stream, f"[p{i}] ", out, lock),
+                pump = threading.Thread(target=_pump, args=(stream, f"[p{i}] ", sink, lock),
                                         daemon=True)
                 pump.start()
                 pumps.append(pump)
         first = _supervise(procs)
     except KeyboardInterrupt:
         _stop(procs, signal.SIGINT)
-        _say(out, lock, "jmp launch: interrupted; stopped every process.")
+        _say(sink, lock, "jmp launch: interrupted; stopped every process.")
         return 130
     finally:
         _stop(procs, signal.SIGTERM)
         for pump in pumps:
             pump.join(timeout=5)
-    return _report(procs, first, out, lock)
+    return _report(procs, first, sink, lock)
 
 
 def _supervise(procs: list[subprocess.Popen]) -> int | None:

@@ -120,7 +120,9 @@ class _Linear(nnx.Module):
             raise ConfigError(f"features must be positive, got in={in_features}, "
                               f"out={out_features}.")
         self.in_features, self.out_features = in_features, out_features
-        self.names, self.mode, self.dtype = names, mode, dtype
+        self.names = names
+        self.mode: Mode = mode
+        self.dtype = dtype
         self.kernel = named_param(kernel_init(rngs.params(), (in_features, out_features),
                                               param_dtype), names)
         self.bias = (named_param(jnp.zeros((out_features,), param_dtype), names[1:])
@@ -210,7 +212,9 @@ class ParallelEmbed(nnx.Module):
                  rngs: nnx.Rngs) -> None:
         _check_mode(mode)
         self.num_embeddings, self.features = num_embeddings, features
-        self.mode, self.names, self.dtype = mode, names, dtype
+        self.mode: Mode = mode
+        self.names = names
+        self.dtype = dtype
         self.embedding = named_param(embedding_init(rngs.params(), (num_embeddings, features),
                                                     param_dtype), names)
 
@@ -260,11 +264,15 @@ class ParallelMLP(nnx.Module):
                  use_bias: bool = True, mode: Mode = "auto", dtype: jnp.dtype | None = None,
                  param_dtype: jnp.dtype = jnp.float32,
                  kernel_init: Initializer = default_kernel_init, rngs: nnx.Rngs) -> None:
-        common = dict(use_bias=use_bias, mode=mode, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=kernel_init, rngs=rngs)
         self.activation = activation
-        self.up = ColumnParallelLinear(features, hidden, names=("embed", "mlp"), **common)
-        self.down = RowParallelLinear(hidden, features, names=("mlp", "embed"), **common)
+        self.up = ColumnParallelLinear(features, hidden, names=("embed", "mlp"),
+                                       use_bias=use_bias, mode=mode, dtype=dtype,
+                                       param_dtype=param_dtype, kernel_init=kernel_init,
+                                       rngs=rngs)
+        self.down = RowParallelLinear(hidden, features, names=("mlp", "embed"),
+                                      use_bias=use_bias, mode=mode, dtype=dtype,
+                                      param_dtype=param_dtype, kernel_init=kernel_init,
+                                      rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down(self.activation(self.up(x)))
@@ -295,10 +303,12 @@ class ParallelAttention(nnx.Module):
                                   f"{num_heads}; pass head_dim explicitly or change one of them.")
             head_dim = features // num_heads
         self.num_heads, self.head_dim, self.causal = num_heads, head_dim, causal
-        self.mode, self.dtype = mode, dtype
+        self.mode: Mode = mode
+        self.dtype = dtype
         shape_out = (num_heads, head_dim, features)
 
-        def param(shape: Sequence[int], names: tuple[str, ...], fn: Initializer) -> nnx.Param:
+        def param(shape: Sequence[int], names: tuple[str | None, ...],
+                  fn: Initializer) -> nnx.Param:
             return named_param(fn(rngs.params(), shape, param_dtype), names)
 
         qkv_init = (kernel_init if kernel_init is not default_kernel_init else

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -37,6 +37,9 @@ from jmp.train import (
     merge_params,
 )
 
+if TYPE_CHECKING:  # jmp.pipeline is imported only when a mesh has a 'stage' axis
+    from jmp.pipeline import ScheduleName
+
 
 class NonFiniteError(JmpError):
     """The loss or gradient norm became NaN or infinite."""
@@ -46,7 +49,7 @@ class NonFiniteError(JmpError):
 class RunResult:
     """What a training run produced."""
 
-    model: nnx.Module
+    model: GPT  # a PipelinedGPT (a GPT subclass) when the mesh has a 'stage' axis
     state: TrainState
     history: list[dict[str, float]] = field(default_factory=list)
     val_loss: float = math.nan
@@ -75,7 +78,7 @@ def run_training(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rule
                  data: TextData, /, *, out_dir: str | None = None, console: Any = None,
                  resume: bool = False, checkpoint_every: int | None = None,
                  skip_nonfinite: bool = False, meta: dict[str, Any] | None = None,
-                 schedule: str = "1f1b") -> RunResult:
+                 schedule: ScheduleName = "1f1b") -> RunResult:
     """Train a GPT; write ``metrics.jsonl``, ``loss.png`` and checkpoints under ``out_dir``.
 
     With ``resume``, the latest checkpoint in ``out_dir`` is restored onto ``mesh`` (any mesh or
@@ -146,7 +149,7 @@ def run_training(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rule
     return result
 
 
-def build_model(model_cfg: GPTConfig, mesh: Mesh, rules: Rules, *, seed: int) -> nnx.Module:
+def build_model(model_cfg: GPTConfig, mesh: Mesh, rules: Rules, *, seed: int) -> GPT:
     """A sharded GPT, or a PipelinedGPT when the mesh has a 'stage' axis of size > 1."""
     stages = mesh.shape.get("stage", 1)
     if stages == 1:
@@ -158,7 +161,7 @@ def build_model(model_cfg: GPTConfig, mesh: Mesh, rules: Rules, *, seed: int) ->
 
 
 def _build(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rules,
-           schedule: str) -> tuple[nnx.Module, Any, Any]:
+           schedule: ScheduleName) -> tuple[GPT, Any, Any]:
     """Model, train step and eval step; a 'stage' mesh axis pipelines the blocks over it."""
     model = build_model(model_cfg, mesh, rules, seed=cfg.seed)
     if mesh.shape.get("stage", 1) == 1:

@@ -111,7 +111,8 @@ def make_mesh(
     spec: MeshSpec,
     /,
     *,
-    devices: Sequence[jax.Device] | None = None,
+    # jax.Device aliases a compiled jaxlib class with no stubs: pyright sees a plain variable
+    devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
     axis_types: AxisType = AxisType.Auto,
 ) -> Mesh:
     """Build a named device mesh.

@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from jmp.errors import JmpError
 
@@ -166,8 +166,9 @@ def _serve(me: Member, check_counts: Callable[[list[int]], str | None] | None
         problem = _missing_message(me, hellos)
     if problem is None and check_counts is not None:
         counts = [hellos[i].get("local_devices") for i in sorted(hellos)]
-        if all(c is not None for c in counts):  # a process that did not say cannot be checked
-            problem = check_counts(counts)
+        said: list[int] = [c for c in counts if c is not None]
+        if len(said) == len(counts):  # a process that did not say cannot be checked
+            problem = check_counts(said)
     hosts = [hellos[i]["host"] for i in sorted(hellos)]
     for sock in socks.values():
         with contextlib.suppress(OSError):
@@ -189,7 +190,8 @@ def _admit(conn: socket.socket, me: Member, hellos: dict[int, dict[str, Any]],
     if not hello or hello.get("jmp") != _PROTOCOL:
         conn.close()  # a port scanner or a stale client: not one of ours
         return None
-    pid, n = hello.get("process_id"), hello.get("num_processes")
+    # every hello tagged with our protocol carries its process_id (see _hello)
+    pid, n = cast(int, hello.get("process_id")), hello.get("num_processes")
     who = f"process {pid} ({hello.get('host')}, pid {hello.get('pid')})"
     if n != me.num_processes:
         problem = (f"{who} was started with num_processes={n}, process 0 with "

@@ -23,7 +23,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 from jmp.errors import ShardingError
 
@@ -89,14 +89,14 @@ class Rules:
                      {**self.activations_dict, **(activations or {})})
 
     def param_spec(self, names: Sequence[str | None], /, *, shape: Sequence[int] | None = None,
-                   mesh: Mesh | None = None, path: str = "<param>") -> PartitionSpec:
+                   mesh: Mesh | AbstractMesh | None = None, path: str = "<param>") -> PartitionSpec:
         """Resolve a parameter's logical names into a ``PartitionSpec``, or raise."""
         spec, problems = resolve(names, self.params_dict, shape=shape, mesh=mesh, path=path)
         raise_problems(problems, what="parameter")
         return spec
 
     def activation_spec(self, names: Sequence[str | None], /, *,
-                        shape: Sequence[int] | None = None, mesh: Mesh | None = None,
+                        shape: Sequence[int] | None = None, mesh: Mesh | AbstractMesh | None = None,
                         path: str = "<activation>") -> PartitionSpec:
         """Resolve an activation's logical names into a ``PartitionSpec``, or raise."""
         spec, problems = resolve(names, self.activations_dict, shape=shape, mesh=mesh, path=path)
@@ -111,7 +111,7 @@ def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
 
 
 def resolve(names: Sequence[str | None], table: Mapping[str, MeshAxes], *,
-            shape: Sequence[int] | None = None, mesh: Mesh | None = None,
+            shape: Sequence[int] | None = None, mesh: Mesh | AbstractMesh | None = None,
             path: str = "<array>") -> tuple[PartitionSpec, list[str]]:
     """Resolve logical ``names`` with ``table``; return the spec and every problem found.
 
@@ -199,7 +199,7 @@ def _strategy_tables(name: str) -> tuple[dict[str, MeshAxes], dict[str, MeshAxes
 STRATEGIES = ("dp", "fsdp", "tp", "dp_tp", "fsdp_tp", "pp", "pp_dp", "pp_tp", "pp_dp_tp")
 
 
-def preset(strategy: str, mesh: Mesh, /) -> Rules:
+def preset(strategy: str, mesh: Mesh | AbstractMesh, /) -> Rules:
     """The rules of a named strategy, checked against ``mesh``.
 
     ================  ==============================  =================================

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +27,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
 
 from jmp.context import activate
 from jmp.data import batch_sharding
 from jmp.errors import ConfigError
+from jmp.layers import Mode
 from jmp.losses import cross_entropy
 from jmp.rules import Rules
 from jmp.sharding import named_shardings
@@ -105,7 +107,8 @@ LossFn = Callable[[nnx.Module, Batch], jax.Array]
 def next_token_loss(model: nnx.Module, batch: Batch, /) -> jax.Array:
     """Mean cross-entropy of the model's logits against the targets (vocabulary-parallel)."""
     inputs, targets = batch
-    mode = getattr(getattr(model, "cfg", None), "mode", "auto")
+    # any model: the mode is read off a GPTConfig-like .cfg when it has one
+    mode = cast(Mode, getattr(getattr(model, "cfg", None), "mode", "auto"))
     return cross_entropy(model(inputs), targets, mode=mode)
 
 
@@ -140,7 +143,8 @@ class Step:
         self.init_state, self.abstract_state = init_state, abstract_state
         self.state_shardings, self.batch_sharding = state_shardings, batch_sharding
 
-    def abstract_batch(self, batch_size: int, seq_len: int) -> Batch:
+    def abstract_batch(self, batch_size: int, seq_len: int,
+                       ) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
         """Shapes, dtypes and shardings of a token batch, for :meth:`lower` without data."""
         spec = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.batch_sharding)
         return spec, spec
@@ -149,7 +153,8 @@ class Step:
         with jax.set_mesh(self.mesh):  # manual layers read the mesh from context at trace time
             return self.jitted(state, batch)
 
-    def lower(self, state: TrainState, batch: Batch) -> Any:
+    def lower(self, state: TrainState,
+              batch: Batch | tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]) -> Any:
         with jax.set_mesh(self.mesh):
             return self.jitted.lower(state, batch)
 
@@ -191,7 +196,8 @@ def make_step(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: 
     opt_shardings = optax.tree_map_params(
         optimizer, lambda _, s: s, abstract_opt, param_shardings,
         transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    state_shardings = TrainState(replicated, param_shardings, opt_shardings)
+    # TrainState's pytree shape holding shardings, not arrays: the step's sharding is no Array
+    state_shardings = TrainState(cast(Any, replicated), param_shardings, opt_shardings)
     data_sharding = batch_sharding(mesh, rules)
 
     def loss_of(params: nnx.State, batch: Batch) -> jax.Array:
@@ -212,7 +218,7 @@ def make_step(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: 
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         params, opt_state = jax.lax.cond(finite, lambda: (params, opt_state),
                                          lambda: (state.params, state.opt_state))
-        metrics = {"loss": loss, "grad_norm": grad_norm}
+        metrics: dict[str, ArrayLike] = {"loss": loss, "grad_norm": grad_norm}
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         return TrainState(state.step + 1, params, opt_state), metrics
@@ -256,7 +262,10 @@ def make_eval_step(model: nnx.Module, mesh: Mesh, rules: Rules, /, *,
     return run
 
 
-def merge_params(model: nnx.Module, params: nnx.State, /) -> nnx.Module:
+_M = TypeVar("_M", bound=nnx.Module)
+
+
+def merge_params(model: _M, params: nnx.State, /) -> _M:
     """The model with its parameters replaced by ``params`` (e.g. after training)."""
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     return nnx.merge(graphdef, params, rest)

@@ -68,7 +68,7 @@ class GPTConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
-    mode: str = "auto"
+    mode: Mode = "auto"
 
     def __post_init__(self) -> None:
         problems = [f"{name}={getattr(self, name)!r} must be a positive int"
@@ -116,7 +116,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs) -> None:
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        mode: Mode = cfg.mode  # type: ignore[assignment]
+        mode: Mode = cfg.mode
         self.norm1 = RMSNorm(cfg.d_model, param_dtype=pdtype)
         self.attn = ParallelAttention(cfg.d_model, num_heads=cfg.n_heads, mode=mode,
                                       dtype=dtype, param_dtype=pdtype, rngs=rngs)
@@ -148,7 +148,7 @@ class GPT(nnx.Module):
     # same values in both.
     def _init_embedding(self, cfg: GPTConfig, rngs: nnx.Rngs) -> None:
         self.cfg = cfg
-        mode: Mode = cfg.mode  # type: ignore[assignment]
+        mode: Mode = cfg.mode
         pdtype = jnp.dtype(cfg.param_dtype)
         self.embed = ParallelEmbed(cfg.vocab_size, cfg.d_model, mode=mode,
                                    dtype=jnp.dtype(cfg.dtype), param_dtype=pdtype, rngs=rngs)
@@ -157,7 +157,7 @@ class GPT(nnx.Module):
             (None, "embed"))
 
     def _init_output(self, cfg: GPTConfig, rngs: nnx.Rngs) -> None:
-        mode: Mode = cfg.mode  # type: ignore[assignment]
+        mode: Mode = cfg.mode
         pdtype = jnp.dtype(cfg.param_dtype)
         self.norm = RMSNorm(cfg.d_model, param_dtype=pdtype)
         self.head = ColumnParallelLinear(cfg.d_model, cfg.vocab_size, use_bias=False,

@@ -92,7 +92,7 @@ class PipelinedGPT(GPT):
 
     def head_loss(self, x: jax.Array, targets: jax.Array) -> jax.Array:
         """Mean cross-entropy of the logits of ``x``: the last stage's output."""
-        return cross_entropy(self.logits(x), targets, mode=self.cfg.mode)  # type: ignore[arg-type]
+        return cross_entropy(self.logits(x), targets, mode=self.cfg.mode)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Logits ``(batch, seq, vocab)``, the blocks run in order (no pipelining)."""
@@ -104,7 +104,7 @@ class PipelinedGPT(GPT):
         return self.logits(x)
 
     @classmethod
-    def from_gpt(cls, gpt: nnx.Module, /, *, num_stages: int, mesh: Mesh | None = None,
+    def from_gpt(cls, gpt: GPT, /, *, num_stages: int, mesh: Mesh | None = None,
                  rules: Rules | None = None) -> PipelinedGPT:
         """The same model with its blocks stacked into ``num_stages`` stages.
 

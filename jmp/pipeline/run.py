@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -353,7 +353,9 @@ def make_loss_fn(*, mesh: Mesh, num_microbatches: int, schedule: ScheduleName = 
     make_schedule(schedule, 1, num_microbatches)  # fail now, not at the first step
 
     def loss_fn(model: nnx.Module, batch: Batch, /) -> jax.Array:
-        return pipeline_loss(model, batch, mesh=mesh, num_microbatches=num_microbatches,
+        # make_step hands the model it was built with (a PipelinedGPT) back as an nnx.Module
+        return pipeline_loss(cast(PipelinedGPT, model), batch, mesh=mesh,
+                             num_microbatches=num_microbatches,
                              schedule=schedule)
 
     return loss_fn

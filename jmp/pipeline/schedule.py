@@ -52,7 +52,9 @@ class Schedule:
 
     def tick_costs(self, fwd_cost: float = 1.0, bwd_cost: float = 2.0) -> np.ndarray:
         """Duration of each tick in lockstep: forward and/or backward, if any stage has one."""
-        return ((self.forward >= 0).any(1) * fwd_cost + (self.backward >= 0).any(1) * bwd_cost)
+        # np.any(x, axis=1), not x.any(1): numpy's stubs type the method's result as maybe a scalar
+        return (np.any(self.forward >= 0, axis=1) * fwd_cost
+                + np.any(self.backward >= 0, axis=1) * bwd_cost)
 
     def idle_fraction(self, fwd_cost: float = 1.0, bwd_cost: float = 2.0) -> float:
         """Share of stage-time spent idle (the bubble), counting the executed ticks.
@@ -75,8 +77,8 @@ class Schedule:
 
     def phases(self) -> list[tuple[int, int, bool, bool]]:
         """``(first tick, end tick, any forward, any backward)`` of each run of like ticks."""
-        has_f = (self.forward >= 0).any(1).tolist()
-        has_b = (self.backward >= 0).any(1).tolist()
+        has_f: list[bool] = np.any(self.forward >= 0, axis=1).tolist()
+        has_b: list[bool] = np.any(self.backward >= 0, axis=1).tolist()
         out: list[tuple[int, int, bool, bool]] = []
         for t, key in enumerate(zip(has_f, has_b, strict=True)):
             if out and out[-1][2:] == key:
