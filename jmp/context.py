@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
-from jmp.rules import MeshAxes, Rules, raise_problems, resolve
+from jmp.rules import MeshAxes, Rules, axes_tuple, raise_problems, resolve
 
 _RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("jmp_rules", default=None)
 
@@ -63,9 +63,7 @@ def param_axis(name: str | None, /) -> MeshAxes:
     rules, shape = current_rules(), current_mesh_shape()
     if rules is None or not shape or name is None:
         return None
-    axes = rules.params_dict.get(name)
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    axes = tuple(a for a in axes if shape.get(a, 1) > 1)
+    axes = tuple(a for a in axes_tuple(rules.params_dict.get(name)) if shape.get(a, 1) > 1)
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 

@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from jmp.context import constrain, param_axis
 from jmp.errors import ConfigError
-from jmp.rules import MeshAxes
+from jmp.rules import MeshAxes, axes_tuple
 
 Mode = Literal["auto", "manual"]
 Initializer = Callable[..., jax.Array]
@@ -57,10 +57,6 @@ def named_param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
 def _check_mode(mode: str) -> None:
     if mode not in ("auto", "manual"):
         raise ConfigError(f"mode must be 'auto' or 'manual', got {mode!r}.")
-
-
-def axes_tuple(axis: MeshAxes) -> tuple[str, ...]:
-    return () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
 
 
 def _act_names(ndim: int, *feature_names: str | None) -> tuple[str | None, ...]:

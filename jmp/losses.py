@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jmp.context import param_axis
-from jmp.layers import Mode, axes_tuple
+from jmp.layers import Mode
+from jmp.rules import axes_tuple
 
 
 def _local_terms(logits: jax.Array, targets: jax.Array, offset: jax.Array | int,

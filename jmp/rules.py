@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
-from jmp.errors import ShardingError
+from jmp.errors import ConfigError, ShardingError
 
 MeshAxes = str | tuple[str, ...] | None
 RuleTable = tuple[tuple[str, MeshAxes], ...]
@@ -104,10 +104,30 @@ class Rules:
         return spec
 
 
-def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+def axes_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    """A rule's value as a tuple of mesh axes: None -> (), 'model' -> ('model',)."""
     if axes is None:
         return ()
     return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def check_batch(batch_size: int, microbatches: int, mesh: Mesh | AbstractMesh,
+                rules: Rules) -> tuple[tuple[str, ...], int]:
+    """The mesh axes that split the batch and the rows of one microbatch on each device.
+
+    Raises:
+        ConfigError: the (micro)batch does not split evenly over those axes.
+    """
+    spec = rules.activation_spec(("batch",), mesh=mesh)
+    axes = axes_tuple(spec[0] if len(spec) else None)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    micro = batch_size // microbatches
+    if micro % ways:
+        raise ConfigError(
+            f"Batch of {batch_size} in {microbatches} microbatch(es) gives {micro} rows, which "
+            f"the batch axes {axes} of size {ways} do not divide. Fix: use a batch size that is "
+            f"a multiple of {ways * microbatches}.")
+    return axes, micro // ways
 
 
 def resolve(names: Sequence[str | None], table: Mapping[str, MeshAxes], *,
@@ -135,7 +155,7 @@ def resolve(names: Sequence[str | None], table: Mapping[str, MeshAxes], *,
                             f"{sorted(table)}).")
             entries.append(None)
             continue
-        axes = _as_tuple(table[name])
+        axes = axes_tuple(table[name])
         for axis in axes:
             if mesh is not None and axis not in mesh.shape:
                 problems.append(f"{where}: rule {name!r} -> {axis!r}, but the mesh has no axis "

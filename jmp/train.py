@@ -35,6 +35,7 @@ from jmp.errors import ConfigError
 from jmp.layers import Mode
 from jmp.losses import cross_entropy
 from jmp.rules import Rules
+from jmp.rules import check_batch as check_batch  # re-exported: jmp.train.check_batch
 from jmp.sharding import named_shardings
 
 
@@ -110,22 +111,6 @@ def next_token_loss(model: nnx.Module, batch: Batch, /) -> jax.Array:
     # any model: the mode is read off a GPTConfig-like .cfg when it has one
     mode = cast(Mode, getattr(getattr(model, "cfg", None), "mode", "auto"))
     return cross_entropy(model(inputs), targets, mode=mode)
-
-
-def check_batch(batch_size: int, microbatches: int, mesh: Mesh, rules: Rules) -> None:
-    """Raise if the (micro)batch does not split evenly over the mesh's batch axes."""
-    spec = rules.activation_spec(("batch",), mesh=mesh)
-    axes = spec[0] if spec else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    ways = 1
-    for a in axes:
-        ways *= mesh.shape[a]
-    micro = batch_size // microbatches
-    if micro % ways:
-        raise ConfigError(
-            f"Batch of {batch_size} in {microbatches} microbatch(es) gives {micro} rows, which "
-            f"the batch axes {axes} of size {ways} do not divide. Fix: use a batch size that is "
-            f"a multiple of {ways * microbatches}.")
 
 
 class Step:

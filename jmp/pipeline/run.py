@@ -54,6 +54,7 @@ from jmp.context import activation_spec, constrain
 from jmp.errors import ConfigError
 from jmp.pipeline.model import STAGE, PipelinedGPT, run_blocks
 from jmp.pipeline.schedule import SCHEDULES, Schedule, ScheduleName, make_schedule
+from jmp.rules import axes_tuple
 
 Batch = tuple[jax.Array, jax.Array]
 
@@ -76,8 +77,7 @@ def split_microbatches(batch: Batch, num_microbatches: int, /) -> Batch:
 
 def _batch_ways(mesh: Mesh) -> tuple[tuple[str, ...], int]:
     spec = activation_spec(("batch",))
-    entry = spec[0] if spec else None
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    axes = axes_tuple(spec[0] if spec else None)
     return axes, int(np.prod([mesh.shape[a] for a in axes]))
 
 

@@ -52,7 +52,7 @@ from jmp.plan.pipeline_costs import (
     _pipeline_flops,
     pipeline_arrays,
 )
-from jmp.rules import Rules, preset
+from jmp.rules import check_batch, preset
 from jmp.units import human_bytes
 
 #: The strategies the cost model covers, with the mesh axes each one splits. The pipeline ones
@@ -147,21 +147,6 @@ def _check_inputs(cfg: GPTConfig, strategy: str, mesh_shape: Mapping[str, int], 
         raise ConfigError("Invalid plan input: " + "; ".join(problems) + ".")
 
 
-def _batch_rows(rules: Rules, mesh: AbstractMesh, batch_size: int, microbatches: int,
-                ) -> tuple[tuple[str, ...], int]:
-    spec = rules.activation_spec(("batch",), mesh=mesh)
-    entry = spec[0] if len(spec) else None
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    axes = tuple(a for a in axes if mesh.shape[a] > 1)
-    ways = math.prod(mesh.shape[a] for a in axes)
-    micro = batch_size // microbatches
-    if micro % ways:
-        raise ConfigError(f"Batch of {batch_size} in {microbatches} microbatch(es) gives {micro} "
-                          f"rows, which the batch axes {axes} of size {ways} do not divide. Fix: "
-                          f"use a batch size that is a multiple of {ways * microbatches}.")
-    return axes, micro // ways
-
-
 def estimate(cfg: GPTConfig, mesh_shape: Mapping[str, int], strategy: str, /, *,
              batch_size: int, seq_len: int | None = None, microbatches: int = 1,
              remat: bool | None = None, device: Device | str = "cpu",
@@ -206,7 +191,8 @@ def estimate(cfg: GPTConfig, mesh_shape: Mapping[str, int], strategy: str, /, *,
     pipe = strategy.startswith("pp")
     S = mesh_shape[STAGE_AXIS] if pipe else 1
     layouts = _layouts(cfg, rules, amesh, pipeline_arrays(cfg, S) if pipe else None)
-    batch_axes, rows = _batch_rows(rules, amesh, batch_size, microbatches)
+    batch_axes, rows = check_batch(batch_size, microbatches, amesh, rules)
+    batch_axes = tuple(a for a in batch_axes if amesh.shape[a] > 1)
     sizes = dict(mesh_shape)
     cpu = dev.platform == "cpu"  # XLA:CPU upcasts 16-bit collectives and has no reduce-scatter
     ctx = _Ctx(cfg, sizes, layouts, batch_axes, rows, seq, microbatches, remat,
