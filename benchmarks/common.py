@@ -43,15 +43,24 @@ from jmp.train import TrainConfig, make_optimizer, make_step  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 N_DEVICES = 8
-#: strategy -> the mesh the benchmarks run it on (8 devices)
-STRATEGY_MESHES = {"dp": "data=8", "fsdp": "data=8", "tp": "model=8",
-                   "dp_tp": "data=2,model=4", "fsdp_tp": "data=2,model=4"}
+#: strategy -> the mesh the benchmarks run it on (8 devices): each non-pipeline strategy of the
+#: registry on its default mesh (``jmp.strategies.default_mesh``)
+STRATEGY_MESHES = {
+    s: jmp.mesh.format_mesh_shape(
+        jmp.mesh.resolve_mesh_shape(jmp.strategies.default_mesh(s), N_DEVICES)
+    )
+    for s in jmp.strategies.names()
+    if not jmp.strategies.parse(s).pipelined
+}
 
 
 # --- setup ---------------------------------------------------------------------------------
 
-def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None,
-               ) -> argparse.Namespace:
+
+def parse_args(
+    description: str,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
     if extra:
@@ -73,13 +82,22 @@ def setup(n: int = N_DEVICES) -> list[jax.Device]:
 
 
 def mesh_for(spec: str, devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
-    shape = jmp.mesh.resolve_mesh_shape(spec, len(devices)) if "-1" in spec else \
-        jmp.mesh.parse_mesh_spec(spec)
-    return jmp.make_mesh(spec, devices=list(devices)[:math.prod(shape.values())])
+    shape = (
+        jmp.mesh.resolve_mesh_shape(spec, len(devices))
+        if "-1" in spec
+        else jmp.mesh.parse_mesh_spec(spec)
+    )
+    return jmp.make_mesh(spec, devices=list(devices)[: math.prod(shape.values())])
 
 
-def build(cfg: GPTConfig, strategy: str, mesh: jax.sharding.Mesh, *,
-          train_cfg: TrainConfig | None = None, seed: int = 0) -> tuple[Any, Any, Any]:
+def build(
+    cfg: GPTConfig,
+    strategy: str,
+    mesh: jax.sharding.Mesh,
+    *,
+    train_cfg: TrainConfig | None = None,
+    seed: int = 0,
+) -> tuple[Any, Any, Any]:
     """(model, step, rules): the real jmp train step for ``cfg`` under ``strategy``."""
     rules = jmp.rules.preset(strategy, mesh)
     model = jmp.shard_init(lambda rngs: GPT(cfg, rngs=rngs), mesh, rules, seed=seed)
@@ -87,8 +105,9 @@ def build(cfg: GPTConfig, strategy: str, mesh: jax.sharding.Mesh, *,
     return model, step, rules
 
 
-def random_batch(sharding: jax.sharding.NamedSharding, batch_size: int, seq_len: int,
-                 vocab: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+def random_batch(
+    sharding: jax.sharding.NamedSharding, batch_size: int, seq_len: int, vocab: int, seed: int = 0
+) -> tuple[jax.Array, jax.Array]:
     """Random (inputs, next-token targets) of shape (batch, seq), placed with ``sharding``."""
     rng = np.random.default_rng(seed)
     window = rng.integers(0, vocab, size=(batch_size, seq_len + 1), dtype=np.int32)
@@ -101,8 +120,10 @@ def block(tree: Any) -> Any:
 
 # --- timing --------------------------------------------------------------------------------
 
-def interleaved(runners: dict[str, Callable[[], Any]], *, rounds: int, steps: int = 1,
-                warmup: int = 1) -> dict[str, list[float]]:
+
+def interleaved(
+    runners: dict[str, Callable[[], Any]], *, rounds: int, steps: int = 1, warmup: int = 1
+) -> dict[str, list[float]]:
     """Seconds per call of each runner, alternating runners round by round.
 
     Each round runs every runner ``steps`` times (blocking after each call); the runner order is
@@ -114,7 +135,7 @@ def interleaved(runners: dict[str, Callable[[], Any]], *, rounds: int, steps: in
             block(runners[name]())
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             for _ in range(steps):
                 t0 = time.perf_counter()
@@ -135,7 +156,7 @@ def paired_ratio(num: Sequence[float], den: Sequence[float], group: int) -> floa
     """
     ratios = []
     for i in range(0, min(len(num), len(den)), group):
-        a, b = median(num[i:i + group]), median(den[i:i + group])
+        a, b = median(num[i : i + group]), median(den[i : i + group])
         if b > 0:
             ratios.append(a / b)
     return median(ratios)
@@ -150,6 +171,7 @@ def timer() -> Any:
 
 
 # --- collectives ---------------------------------------------------------------------------
+
 
 def collectives(compiled: Any, mesh: jax.sharding.Mesh) -> tuple[list, int]:
     """``jmp.inspect.collectives``, and how many executions have unread replica groups.
@@ -176,9 +198,13 @@ def ring_bytes(c: Any, mesh: jax.sharding.Mesh) -> float:
     n = group_size(c, mesh)
     if n <= 1:
         return 0.0
-    factor = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n,
-              "reduce-scatter": (n - 1) / n, "all-to-all": (n - 1) / n,
-              "collective-permute": 1.0}[c.kind]
+    factor = {
+        "all-reduce": 2 * (n - 1) / n,
+        "all-gather": (n - 1) / n,
+        "reduce-scatter": (n - 1) / n,
+        "all-to-all": (n - 1) / n,
+        "collective-permute": 1.0,
+    }[c.kind]
     return factor * full_size(c, mesh) * c.count
 
 
@@ -189,8 +215,10 @@ def is_scalar(c: Any) -> bool:
 
 # --- output --------------------------------------------------------------------------------
 
-def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
-                notes: Sequence[str] = ()) -> None:
+
+def print_table(
+    title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], notes: Sequence[str] = ()
+) -> None:
     """A rich table (plain text when rich is missing), then the notes."""
     cells = [[_fmt(v) for v in row] for row in rows]
     try:
@@ -229,9 +257,12 @@ def mib(n: float) -> float:
 def write_json(name: str, data: dict[str, Any]) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.json")
-    meta = {"jax": jax.__version__, "backend": jax.default_backend(),
-            "devices": [str(d.device_kind) for d in jax.devices()][:1],
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d.device_kind) for d in jax.devices()][:1],
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     with open(path, "w") as f:
         json.dump({"meta": meta, **data}, f, indent=2, default=_json_default)
     return path
@@ -264,5 +295,4 @@ def save_figure(fig: Any, name: str) -> str:
 def finish(name: str, data: dict[str, Any], fig: Any, started: float) -> None:
     data["runtime_s"] = round(time.perf_counter() - started, 1)
     paths = [write_json(name, data), save_figure(fig, name)]
-    print(f"wrote {', '.join(os.path.relpath(p) for p in paths)} "
-          f"({data['runtime_s']:.0f} s)")
+    print(f"wrote {', '.join(os.path.relpath(p) for p in paths)} ({data['runtime_s']:.0f} s)")

@@ -26,8 +26,14 @@ import numpy as np
 import jmp
 from jmp.models.gpt import GPTConfig
 
-PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12),
-             ("L40S", 362e12), ("A10", 125e12))
+PEAK_BF16 = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10", 125e12),
+)
 # name, model shape, global batch; tokens per step grow with the model so the GPU stays busy
 SIZES = [
     ("125m", dict(d_model=768, n_layers=12, n_heads=12, vocab_size=32768, seq_len=1024), 16),
@@ -84,33 +90,60 @@ def run_size(name: str, shape: dict, batch: int, device: jax.Device, steps: int)
     loss = float(metrics["loss"])  # waits for the last step
     step_s = (time.perf_counter() - t1) / steps
     flops = model_flops_per_step(cfg, batch)
-    return {"size": name, "config": cfg.to_dict(), "params": cfg.num_params(), "batch": batch,
-            "tokens_per_step": batch * cfg.seq_len, "compile_s": compile_s, "step_s": step_s,
-            "tokens_per_s": batch * cfg.seq_len / step_s, "model_flops_per_step": flops,
-            "model_flops_per_s": flops / step_s, "xla_flops_per_step": xla_flops,
-            "loss": loss, "memory": mem._asdict(), "status": "ok"}
+    return {
+        "size": name,
+        "config": cfg.to_dict(),
+        "params": cfg.num_params(),
+        "batch": batch,
+        "tokens_per_step": batch * cfg.seq_len,
+        "compile_s": compile_s,
+        "step_s": step_s,
+        "tokens_per_s": batch * cfg.seq_len / step_s,
+        "model_flops_per_step": flops,
+        "model_flops_per_s": flops / step_s,
+        "xla_flops_per_step": xla_flops,
+        "loss": loss,
+        "memory": mem._asdict(),
+        "status": "ok",
+    }
 
 
 def main() -> None:
     started = time.perf_counter()
 
     def extra(parser):
-        parser.add_argument("--peak-flops", type=float, default=None,
-                            help="dense bf16 peak of the GPU in FLOP/s (default: from its name)")
-        parser.add_argument("--budget-s", type=float, default=210.0,
-                            help="skip the remaining sizes once this many seconds have passed")
+        parser.add_argument(
+            "--peak-flops",
+            type=float,
+            default=None,
+            help="dense bf16 peak of the GPU in FLOP/s (default: from its name)",
+        )
+        parser.add_argument(
+            "--budget-s",
+            type=float,
+            default=210.0,
+            help="skip the remaining sizes once this many seconds have passed",
+        )
         parser.add_argument("--steps", type=int, default=10, help="timed steps per size")
-        parser.add_argument("--cpu-smoke", action="store_true",
-                            help="(testing) run a tiny size on CPU instead of exiting")
+        parser.add_argument(
+            "--cpu-smoke",
+            action="store_true",
+            help="(testing) run a tiny size on CPU instead of exiting",
+        )
 
     args = common.parse_args(__doc__.splitlines()[0], extra)
     device = jax.devices()[0]
     if device.platform != "gpu" and not args.cpu_smoke:
-        print(f"gpu.py: no GPU here (JAX's first device is {device.platform!r}): nothing to "
-              f"measure. Run it on a machine with an NVIDIA GPU and jax[cuda].")
+        print(
+            f"gpu.py: no GPU here (JAX's first device is {device.platform!r}): nothing to "
+            f"measure. Run it on a machine with an NVIDIA GPU and jax[cuda]."
+        )
         return
-    sizes = CPU_SMOKE if device.platform != "gpu" else (
-        [s for s in SIZES if s[0] in QUICK_SIZES] if args.quick else SIZES)
+    sizes = (
+        CPU_SMOKE
+        if device.platform != "gpu"
+        else ([s for s in SIZES if s[0] in QUICK_SIZES] if args.quick else SIZES)
+    )
     peak = peak_flops(device, args.peak_flops)
     results = []
     last_s = 0.0
@@ -131,23 +164,54 @@ def main() -> None:
         last_s = time.perf_counter() - size_started
         gc.collect()
         jax.clear_caches()
-        print(f"  {name}: {row.get('status')} "
-              f"({time.perf_counter() - started:.0f} s so far)", flush=True)
+        print(
+            f"  {name}: {row.get('status')} ({time.perf_counter() - started:.0f} s so far)",
+            flush=True,
+        )
 
     ok = [r for r in results if r.get("status") == "ok"]
-    rows = [[r["size"], f"{r['params'] / 1e6:,.0f}M", r["batch"], r["config"]["seq_len"],
-             r["step_s"], r["tokens_per_s"], r["model_flops_per_s"] / 1e12, r["mfu"],
-             r["compile_s"], common.mib(footprint(r["memory"])) / 1024]
-            if r.get("status") == "ok" else [r["size"], *[""] * 8, r["status"]]
-            for r in results]
-    notes = [f"device: {device.device_kind}; peak {peak / 1e12:.0f} TFLOP/s dense bf16"
-             if peak else f"device: {device.device_kind}; peak unknown (pass --peak-flops)",
-             "model FLOPs = 6*N*tokens + 6*L*seq*d*tokens (attention, causal half); N excludes "
-             "the token and position tables; bf16 compute, f32 parameters and AdamW, no remat",
-             "dp_tp on a one-device mesh (data=1,model=1): no collectives"]
-    common.print_table("jmp GPT training on one GPU",
-                       ["size", "params", "batch", "seq", "s/step", "tokens/s", "TFLOP/s",
-                        "MFU", "compile s", "peak GiB"], rows, notes)
+    rows = [
+        [
+            r["size"],
+            f"{r['params'] / 1e6:,.0f}M",
+            r["batch"],
+            r["config"]["seq_len"],
+            r["step_s"],
+            r["tokens_per_s"],
+            r["model_flops_per_s"] / 1e12,
+            r["mfu"],
+            r["compile_s"],
+            common.mib(footprint(r["memory"])) / 1024,
+        ]
+        if r.get("status") == "ok"
+        else [r["size"], *[""] * 8, r["status"]]
+        for r in results
+    ]
+    notes = [
+        f"device: {device.device_kind}; peak {peak / 1e12:.0f} TFLOP/s dense bf16"
+        if peak
+        else f"device: {device.device_kind}; peak unknown (pass --peak-flops)",
+        "model FLOPs = 6*N*tokens + 6*L*seq*d*tokens (attention, causal half); N excludes "
+        "the token and position tables; bf16 compute, f32 parameters and AdamW, no remat",
+        "dp_tp on a one-device mesh (data=1,model=1): no collectives",
+    ]
+    common.print_table(
+        "jmp GPT training on one GPU",
+        [
+            "size",
+            "params",
+            "batch",
+            "seq",
+            "s/step",
+            "tokens/s",
+            "TFLOP/s",
+            "MFU",
+            "compile s",
+            "peak GiB",
+        ],
+        rows,
+        notes,
+    )
     fig, ax = common.new_figure(1, width=7)
     if ok:
         xs = np.arange(len(ok))
@@ -156,8 +220,17 @@ def main() -> None:
         ax.set_ylabel("MFU" if peak else "model TFLOP/s")
     ax.set_title(f"jmp GPT training, {device.device_kind}, bf16")
     name = "gpu" if device.platform == "gpu" else "gpu_cpu_smoke"
-    common.finish(name, {"quick": args.quick, "device_kind": device.device_kind,
-                          "peak_flops": peak, "results": results}, fig, started)
+    common.finish(
+        name,
+        {
+            "quick": args.quick,
+            "device_kind": device.device_kind,
+            "peak_flops": peak,
+            "results": results,
+        },
+        fig,
+        started,
+    )
 
 
 if __name__ == "__main__":

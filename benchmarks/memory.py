@@ -23,8 +23,13 @@ from flax import nnx
 from jmp.models.gpt import GPTConfig
 
 BATCH = 16
-SHARD_AXES = {"dp": (), "fsdp": ("data",), "tp": ("model",), "dp_tp": ("model",),
-              "fsdp_tp": ("data", "model")}
+SHARD_AXES = {
+    "dp": (),
+    "fsdp": ("data",),
+    "tp": ("model",),
+    "dp_tp": ("model",),
+    "fsdp_tp": ("data", "model"),
+}
 
 
 def per_device_bytes(tree) -> dict:
@@ -37,8 +42,12 @@ def per_device_bytes(tree) -> dict:
 
 
 def split_ways(a: jax.Array) -> int:
-    return math.prod(a.sharding.mesh.shape[ax] for entry in a.sharding.spec if entry is not None
-                     for ax in ((entry,) if isinstance(entry, str) else entry))
+    return math.prod(
+        a.sharding.mesh.shape[ax]
+        for entry in a.sharding.spec
+        if entry is not None
+        for ax in ((entry,) if isinstance(entry, str) else entry)
+    )
 
 
 def measure(strategy: str, spec: str, cfg: GPTConfig, devices) -> dict:
@@ -58,35 +67,52 @@ def measure(strategy: str, spec: str, cfg: GPTConfig, devices) -> dict:
     for path, a in jax.tree_util.tree_leaves_with_path(params):
         if split_ways(a) < factor:
             keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-            name = "/".join("*" if keys[0] == "blocks" and i == 1 else k
-                            for i, k in enumerate(keys))
+            name = "/".join(
+                "*" if keys[0] == "blocks" and i == 1 else k for i, k in enumerate(keys)
+            )
             entry = under.setdefault(name, {"count": 0, "per_device": 0, "full": 0})
             entry["count"] += 1
             entry["per_device"] += a.nbytes // split_ways(a)
             entry["full"] += a.nbytes
     ideal = total / factor
-    return {"strategy": strategy, "mesh": spec, "shard_factor": factor, "total_bytes": total,
-            "ideal_per_device": ideal, "live_max_per_device": max(live.values()),
-            "live_min_per_device": min(live.values()),
-            "compiled_state_per_device": mem.arguments - batch_bytes,
-            "compiled": mem._asdict(), "batch_bytes_per_device": batch_bytes,
-            "live_ratio": max(live.values()) / ideal,
-            "compiled_ratio": (mem.arguments - batch_bytes) / ideal,
-            "params_split_fewer_ways": under}
+    return {
+        "strategy": strategy,
+        "mesh": spec,
+        "shard_factor": factor,
+        "total_bytes": total,
+        "ideal_per_device": ideal,
+        "live_max_per_device": max(live.values()),
+        "live_min_per_device": min(live.values()),
+        "compiled_state_per_device": mem.arguments - batch_bytes,
+        "compiled": mem._asdict(),
+        "batch_bytes_per_device": batch_bytes,
+        "live_ratio": max(live.values()) / ideal,
+        "compiled_ratio": (mem.arguments - batch_bytes) / ideal,
+        "params_split_fewer_ways": under,
+    }
 
 
 def plot(results: list[dict]):
     fig, ax = common.new_figure(1, width=8)
     xs = np.arange(len(results))
-    series = [("ideal: total / factor", "ideal_per_device"), ("live shards (max device)",
-              "live_max_per_device"), ("compiled: arguments - batch", "compiled_state_per_device")]
+    series = [
+        ("ideal: total / factor", "ideal_per_device"),
+        ("live shards (max device)", "live_max_per_device"),
+        ("compiled: arguments - batch", "compiled_state_per_device"),
+    ]
     for i, (label, key) in enumerate(series):
         ax.bar(xs + (i - 1) * 0.27, [common.mib(r[key]) for r in results], 0.27, label=label)
     ax.set_xticks(xs, [f"{r['strategy']}\n{r['mesh']}" for r in results])
     for x, r in zip(xs, results, strict=True):
-        ax.annotate(f"x{r['live_ratio']:.3f}", (x, common.mib(r["live_max_per_device"])),
-                    ha="center", va="bottom", fontsize=8, xytext=(0, 8),
-                    textcoords="offset points")
+        ax.annotate(
+            f"x{r['live_ratio']:.3f}",
+            (x, common.mib(r["live_max_per_device"])),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 8),
+            textcoords="offset points",
+        )
     ax.set_ylabel("MiB per device")
     ax.legend(fontsize=8)
     ax.set_title("Parameters + AdamW state per device vs the ideal split")
@@ -99,15 +125,28 @@ def main() -> None:
     devices = common.setup()
     cfg = GPTConfig.named("tiny" if args.quick else "small")
     results = [measure(s, spec, cfg, devices) for s, spec in common.STRATEGY_MESHES.items()]
-    rows = [[r["strategy"], r["mesh"], r["shard_factor"], common.mib(r["total_bytes"]),
-             common.mib(r["ideal_per_device"]), common.mib(r["live_max_per_device"]),
-             common.mib(r["compiled_state_per_device"]), r["live_ratio"], r["compiled_ratio"],
-             common.mib(r["compiled"]["temporaries"])] for r in results]
-    notes = ["state = parameters + AdamW mu and nu + step and optimizer counters (f32); "
-             "ratio = per-device bytes / (total / shard factor), target 1.00; 'compiled' = "
-             "jmp.inspect.memory arguments minus the token batch; 'temp' = its temporaries "
-             "(activations, gradients, workspace) for a batch of "
-             f"{BATCH}, for information (XLA:CPU's peak figure leaves them out)"]
+    rows = [
+        [
+            r["strategy"],
+            r["mesh"],
+            r["shard_factor"],
+            common.mib(r["total_bytes"]),
+            common.mib(r["ideal_per_device"]),
+            common.mib(r["live_max_per_device"]),
+            common.mib(r["compiled_state_per_device"]),
+            r["live_ratio"],
+            r["compiled_ratio"],
+            common.mib(r["compiled"]["temporaries"]),
+        ]
+        for r in results
+    ]
+    notes = [
+        "state = parameters + AdamW mu and nu + step and optimizer counters (f32); "
+        "ratio = per-device bytes / (total / shard factor), target 1.00; 'compiled' = "
+        "jmp.inspect.memory arguments minus the token batch; 'temp' = its temporaries "
+        "(activations, gradients, workspace) for a batch of "
+        f"{BATCH}, for information (XLA:CPU's peak figure leaves them out)"
+    ]
     for r in results:
         under = r["params_split_fewer_ways"]
         if not under:
@@ -116,18 +155,37 @@ def main() -> None:
         split = 3 * sum(u["full"] for u in under.values()) / r["shard_factor"]
         without = (r["live_max_per_device"] - held + split) / r["ideal_per_device"]
         names = sorted(under, key=lambda n: -under[n]["per_device"])  # largest first
-        notes.append(f"{r['strategy']}: parameters split fewer than {r['shard_factor']} ways "
-                     f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) hold "
-                     f"{common.mib(held):.3f} MiB per device with their moments, "
-                     f"{common.mib(split):.3f} if split {r['shard_factor']} ways: ratio "
-                     f"{without:.3f} without them")
+        notes.append(
+            f"{r['strategy']}: parameters split fewer than {r['shard_factor']} ways "
+            f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) hold "
+            f"{common.mib(held):.3f} MiB per device with their moments, "
+            f"{common.mib(split):.3f} if split {r['shard_factor']} ways: ratio "
+            f"{without:.3f} without them"
+        )
     name = "tiny" if args.quick else "small"
-    common.print_table(f"Parameter + optimizer bytes per device, GPT '{name}' "
-                       f"({cfg.num_params():,} parameters)",
-                       ["strategy", "mesh", "factor", "total MiB", "ideal MiB", "live MiB",
-                        "compiled MiB", "live ratio", "compiled ratio", "temp MiB"], rows, notes)
-    common.finish("memory", {"quick": args.quick, "config": cfg.to_dict(), "batch": BATCH,
-                             "results": results}, plot(results), started)
+    common.print_table(
+        f"Parameter + optimizer bytes per device, GPT '{name}' ({cfg.num_params():,} parameters)",
+        [
+            "strategy",
+            "mesh",
+            "factor",
+            "total MiB",
+            "ideal MiB",
+            "live MiB",
+            "compiled MiB",
+            "live ratio",
+            "compiled ratio",
+            "temp MiB",
+        ],
+        rows,
+        notes,
+    )
+    common.finish(
+        "memory",
+        {"quick": args.quick, "config": cfg.to_dict(), "batch": BATCH, "results": results},
+        plot(results),
+        started,
+    )
 
 
 if __name__ == "__main__":

@@ -61,25 +61,36 @@ def counted(stages: list[int], ms: list[int]) -> list[dict]:
         for M in ms:
             for name in ("gpipe", "1f1b"):
                 plan = make_schedule(name, S, M)
-                rows.append(dict(schedule=name, S=S, M=M, ticks=plan.ticks,
-                                 idle=plan.idle_fraction(), theory=theory(S, M),
-                                 in_flight=int(plan.in_flight().max())))
+                rows.append(
+                    dict(
+                        schedule=name,
+                        S=S,
+                        M=M,
+                        ticks=plan.ticks,
+                        idle=plan.idle_fraction(),
+                        theory=theory(S, M),
+                        in_flight=int(plan.in_flight().max()),
+                    )
+                )
     return rows
 
 
 def compile_run(S: int, M: int, schedule: str) -> tuple:
     mesh = jmp.make_mesh(f"stage={S},data=1", devices=jax.devices()[:S])
     rules = jmp.rules.preset("pp" if "pp" in jmp.rules.STRATEGIES else "dp", mesh)
-    model = jmp.shard_init(lambda rngs: PipelinedGPT(CFG, num_stages=S, rngs=rngs), mesh,
-                           rules, seed=0)
+    model = jmp.shard_init(
+        lambda rngs: PipelinedGPT(CFG, num_stages=S, rngs=rngs), mesh, rules, seed=0
+    )
     graphdef, params = nnx.split(model)
-    tokens = jnp.asarray(np.random.default_rng(M).integers(0, 256, (ROWS * M, CFG.seq_len)),
-                         jnp.int32)
+    tokens = jnp.asarray(
+        np.random.default_rng(M).integers(0, 256, (ROWS * M, CFG.seq_len)), jnp.int32
+    )
 
     def run(params, batch):
         with jmp.activate(mesh, rules):
-            return pipeline_loss_and_grads(nnx.merge(graphdef, params), batch, mesh=mesh,
-                                           num_microbatches=M, schedule=schedule)
+            return pipeline_loss_and_grads(
+                nnx.merge(graphdef, params), batch, mesh=mesh, num_microbatches=M, schedule=schedule
+            )
 
     with jmp.activate(mesh, rules):
         compiled = jax.jit(run).lower(params, (tokens, tokens)).compile()
@@ -120,9 +131,14 @@ def fit(times: dict, name: str, S: int, ms: list[int]) -> dict:
     """time = a * M + c  ->  idle ticks c / a, and the idle fraction at each M."""
     t = np.array([times[name, S, M] for M in ms])
     a, c = np.polyfit(np.array(ms, float), t, 1)
-    return dict(schedule=name, S=S, idle_ticks=float(c / a), theory_ticks=S - 1,
-                measured={M: float(1 - a * M / tm) for M, tm in zip(ms, t, strict=True)},
-                times_ms={M: float(tm * 1e3) for M, tm in zip(ms, t, strict=True)})
+    return dict(
+        schedule=name,
+        S=S,
+        idle_ticks=float(c / a),
+        theory_ticks=S - 1,
+        measured={M: float(1 - a * M / tm) for M, tm in zip(ms, t, strict=True)},
+        times_ms={M: float(tm * 1e3) for M, tm in zip(ms, t, strict=True)},
+    )
 
 
 def plot(counts: list[dict], fits: list[dict], temps: dict, path: str) -> None:
@@ -139,14 +155,25 @@ def plot(counts: list[dict], fits: list[dict], temps: dict, path: str) -> None:
         ax1.plot(grid, (S - 1) / (grid + S - 1), color=color, lw=1, label=f"theory S={S}")
         for marker, name in (("o", "gpipe"), ("x", "1f1b")):
             pts = [(r["M"], r["idle"]) for r in counts if r["S"] == S and r["schedule"] == name]
-            ax1.plot(*zip(*pts, strict=True), marker, color=color, ms=5, fillstyle="none",
-                     label=f"counted {name} S={S}" if S == stages[0] else None)
+            ax1.plot(
+                *zip(*pts, strict=True),
+                marker,
+                color=color,
+                ms=5,
+                fillstyle="none",
+                label=f"counted {name} S={S}" if S == stages[0] else None,
+            )
         for f in fits:
             if f["S"] == S:
                 pts = sorted(f["measured"].items())
-                ax1.plot(*zip(*pts, strict=True), "s" if f["schedule"] == "gpipe" else "^",
-                         color=color, ms=6, alpha=0.6,
-                         label=f"timed {f['schedule']} S={S}")
+                ax1.plot(
+                    *zip(*pts, strict=True),
+                    "s" if f["schedule"] == "gpipe" else "^",
+                    color=color,
+                    ms=6,
+                    alpha=0.6,
+                    label=f"timed {f['schedule']} S={S}",
+                )
     ax1.set_xscale("log", base=2)
     ax1.set_xlabel("microbatches M")
     ax1.set_ylabel("idle (bubble) fraction")
@@ -179,23 +206,34 @@ def main() -> None:
     print(f"{'S':>3} {'M':>3} {'theory':>7} {'gpipe':>7} {'1f1b':>7} {'1f1b live':>9}")
     for r in counts:
         if r["schedule"] == "gpipe":
-            o = next(x for x in counts if x["schedule"] == "1f1b" and x["S"] == r["S"] and
-                     x["M"] == r["M"])
-            print(f"{r['S']:>3} {r['M']:>3} {r['theory']:7.3f} {r['idle']:7.3f} "
-                  f"{o['idle']:7.3f} {o['in_flight']:>9}")
+            o = next(
+                x
+                for x in counts
+                if x["schedule"] == "1f1b" and x["S"] == r["S"] and x["M"] == r["M"]
+            )
+            print(
+                f"{r['S']:>3} {r['M']:>3} {r['theory']:7.3f} {r['idle']:7.3f} "
+                f"{o['idle']:7.3f} {o['in_flight']:>9}"
+            )
 
-    print(f"\ntiming and memory ({CFG.n_layers} blocks, d_model {CFG.d_model}, {ROWS} rows x "
-          f"{CFG.seq_len} tokens per microbatch, stage=S on S simulated CPU devices)")
+    print(
+        f"\ntiming and memory ({CFG.n_layers} blocks, d_model {CFG.d_model}, {ROWS} rows x "
+        f"{CFG.seq_len} tokens per microbatch, stage=S on S simulated CPU devices)"
+    )
     start = time.time()
     times, temps = timed(stages, ms, mem_ms, args.rounds)
     fits = [fit(times, name, S, ms) for S in stages for name in ("gpipe", "1f1b")]
     print(f"\ntimed idle fraction: time(M) = a (M + idle ticks), fitted over M = {ms}")
-    print(f"{'sched':>6} {'S':>3} {'idle ticks':>10} {'theory':>6}   "
-          + "  ".join(f"M={M}: meas/theory" for M in ms))
+    print(
+        f"{'sched':>6} {'S':>3} {'idle ticks':>10} {'theory':>6}   "
+        + "  ".join(f"M={M}: meas/theory" for M in ms)
+    )
     for f in fits:
         cells = "  ".join(f"{f['measured'][M]:6.3f}/{theory(f['S'], M):.3f}   " for M in ms)
-        print(f"{f['schedule']:>6} {f['S']:>3} {f['idle_ticks']:10.2f} {f['theory_ticks']:>6}   "
-              f"{cells}")
+        print(
+            f"{f['schedule']:>6} {f['S']:>3} {f['idle_ticks']:10.2f} {f['theory_ticks']:>6}   "
+            f"{cells}"
+        )
     print(f"\ntemporary memory per device, S={max(stages)}")
     print(f"{'M':>3} {'gpipe MiB':>10} {'1f1b MiB':>9} {'ratio':>6}")
     for M in mem_ms:
@@ -203,9 +241,15 @@ def main() -> None:
         print(f"{M:>3} {g / 2**20:10.3f} {o / 2**20:9.3f} {o / g:6.3f}")
 
     os.makedirs(args.out, exist_ok=True)
-    result = dict(model=CFG.to_dict(), rows_per_microbatch=ROWS, counted=counts, timed=fits,
-                  temporaries={f"{n}/M={m}": b for (n, m), b in temps.items()},
-                  memory_stages=max(stages), seconds=time.time() - start)
+    result = dict(
+        model=CFG.to_dict(),
+        rows_per_microbatch=ROWS,
+        counted=counts,
+        timed=fits,
+        temporaries={f"{n}/M={m}": b for (n, m), b in temps.items()},
+        memory_stages=max(stages),
+        seconds=time.time() - start,
+    )
     with open(os.path.join(args.out, "pipeline.json"), "w") as f:
         json.dump(result, f, indent=2)
     plot(counts, fits, temps, os.path.join(args.out, "pipeline.png"))

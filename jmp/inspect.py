@@ -23,13 +23,35 @@ from jax.sharding import Mesh
 
 from jmp.units import human_bytes
 
-COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
-                    "all-to-all")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
-                "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
-_OP = re.compile(r"=\s*(?P<type>.+?)\s+(?P<kind>" + "|".join(COLLECTIVE_KINDS) +
-                 r")(?P<start>-start)?\(")
+COLLECTIVE_KINDS = (
+    "all-reduce",
+    "all-gather",
+    "reduce-scatter",
+    "collective-permute",
+    "all-to-all",
+)
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+}
+_OP = re.compile(
+    r"=\s*(?P<type>.+?)\s+(?P<kind>" + "|".join(COLLECTIVE_KINDS) + r")(?P<start>-start)?\("
+)
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _COMP_HEADER = re.compile(r"^(ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
 _CALLS = re.compile(r"(body|to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)")
@@ -71,10 +93,13 @@ def _groups(line: str) -> np.ndarray | None:
     """The replica/device groups of one collective, as an int array (groups x members)."""
     # mesh['a'=2,'b'=4] {'a'}, optionally with a device order: <=[4,2]T(1,0) or, in newer
     # XLA, ", device_ids=([4,2]T(1,0))"
-    named = re.search(r"replica_groups=mesh\[([^\]]*)\]"
-                      r"(?:<=\[([\d,]+)\](?:T\(([\d,]+)\))?"
-                      r"|,\s*device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?"
-                      r"\s*\{([^}]*)\}", line)
+    named = re.search(
+        r"replica_groups=mesh\[([^\]]*)\]"
+        r"(?:<=\[([\d,]+)\](?:T\(([\d,]+)\))?"
+        r"|,\s*device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?"
+        r"\s*\{([^}]*)\}",
+        line,
+    )
     if named:
         axes = re.findall(r"'([^']+)'=(\d+)", named.group(1))
         sizes = [int(n) for _, n in axes]
@@ -99,14 +124,17 @@ def _groups(line: str) -> np.ndarray | None:
         return ids.reshape(shape[0], -1)
     listed = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", line)
     if listed:
-        groups = [[int(v) for v in g.split(",") if v] for g in re.findall(r"\{([\d,]*)\}",
-                                                                          listed.group(1))]
+        groups = [
+            [int(v) for v in g.split(",") if v]
+            for g in re.findall(r"\{([\d,]*)\}", listed.group(1))
+        ]
         if groups and groups[0]:
             return np.array(groups)
     pairs = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", line)
     if pairs:
-        return np.array([[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}",
-                                                                 pairs.group(1))])
+        return np.array(
+            [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", pairs.group(1))]
+        )
     return None
 
 
@@ -136,8 +164,7 @@ def _multiplicities(text: str) -> dict[str, int]:
             continue
         trip = _TRIP.search(line)
         for key, callee in _CALLS.findall(line):
-            callers[callee].append((current, int(trip.group(1)) if key == "body" and trip
-                                    else 1))
+            callers[callee].append((current, int(trip.group(1)) if key == "body" and trip else 1))
         for branch in _BRANCHES.findall(line):
             for callee in re.findall(r"%?([\w.\-]+)", branch):
                 callers[callee].append((current, 1))
@@ -179,17 +206,27 @@ def collectives(compiled: Any, mesh: Mesh | None = None, /) -> list[Collective]:
         # XLA's combiners fuse independent collectives into one tuple-shaped op: report each
         # operand as its own collective, so counts match the program's logical all-reduces.
         for shape in shapes:
-            found.append(Collective(op.group("kind"), _axes_of(groups, mesh), _type_bytes(shape),
-                                    mults.get(current, 1) if current else 1,
-                                    int(groups.shape[1]) if groups is not None else 0))
+            found.append(
+                Collective(
+                    op.group("kind"),
+                    _axes_of(groups, mesh),
+                    _type_bytes(shape),
+                    mults.get(current, 1) if current else 1,
+                    int(groups.shape[1]) if groups is not None else 0,
+                )
+            )
     return found
 
 
-def count(found: Iterable[Collective], /, kind: str | None = None,
-          axes: tuple[str, ...] | None = None) -> int:
+def count(
+    found: Iterable[Collective], /, kind: str | None = None, axes: tuple[str, ...] | None = None
+) -> int:
     """Executions per step of collectives matching ``kind`` and exactly ``axes``."""
-    return sum(c.count for c in found
-               if (kind is None or c.kind == kind) and (axes is None or c.axes == axes))
+    return sum(
+        c.count
+        for c in found
+        if (kind is None or c.kind == kind) and (axes is None or c.axes == axes)
+    )
 
 
 def summary(found: Iterable[Collective], /) -> dict[tuple[str, tuple[str, ...]], dict[str, int]]:
@@ -214,9 +251,13 @@ class Memory(NamedTuple):
 def memory(compiled: Any, /) -> Memory:
     """Per-device bytes: arguments, outputs, temporaries, aliased (donated), peak."""
     m = compiled.memory_analysis()
-    return Memory(int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
-                  int(m.temp_size_in_bytes), int(m.alias_size_in_bytes),
-                  int(getattr(m, "peak_memory_in_bytes", 0) or 0))
+    return Memory(
+        int(m.argument_size_in_bytes),
+        int(m.output_size_in_bytes),
+        int(m.temp_size_in_bytes),
+        int(m.alias_size_in_bytes),
+        int(getattr(m, "peak_memory_in_bytes", 0) or 0),
+    )
 
 
 def flops(compiled: Any, /) -> float:
@@ -224,8 +265,6 @@ def flops(compiled: Any, /) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     return float(cost.get("flops", 0.0))
-
-
 
 
 def collectives_table(found: Iterable[Collective], /, *, title: str = "collectives") -> Any:
@@ -243,8 +282,9 @@ def collectives_table(found: Iterable[Collective], /, *, title: str = "collectiv
     return table
 
 
-def memory_table(mem: Memory, /, *, flops_per_device: float | None = None,
-                 title: str = "memory per device") -> Any:
+def memory_table(
+    mem: Memory, /, *, flops_per_device: float | None = None, title: str = "memory per device"
+) -> Any:
     """A rich table of :class:`Memory` (and FLOPs, when given)."""
     from rich.table import Table
 

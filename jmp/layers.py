@@ -65,8 +65,9 @@ def _act_names(ndim: int, *feature_names: str | None) -> tuple[str | None, ...]:
     return (("batch",) + (None,) * (lead - 1) if lead > 0 else ()) + tuple(feature_names)
 
 
-def row_parallel_matmul(x: jax.Array, w: jax.Array, /, *, n_contract: int, axis: MeshAxes,
-                        mode: Mode) -> jax.Array:
+def row_parallel_matmul(
+    x: jax.Array, w: jax.Array, /, *, n_contract: int, axis: MeshAxes, mode: Mode
+) -> jax.Array:
     """Contract the last ``n_contract`` dims of ``x`` with the first of ``w``, split over ``axis``.
 
     The first contracted dim is split over ``axis``; the partial products are summed with one
@@ -81,12 +82,25 @@ def row_parallel_matmul(x: jax.Array, w: jax.Array, /, *, n_contract: int, axis:
     def block(x_i: jax.Array, w_i: jax.Array) -> jax.Array:
         return jax.lax.psum(jnp.tensordot(x_i, w_i, n_contract), axes_tuple(axis))
 
-    return jax.shard_map(block, mesh=jax.sharding.get_abstract_mesh(), in_specs=(x_spec, w_spec),
-                         out_specs=P(), axis_names=set(axes_tuple(axis)))(x, w)
+    return jax.shard_map(
+        block,
+        mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=(x_spec, w_spec),
+        out_specs=P(),
+        axis_names=set(axes_tuple(axis)),
+    )(x, w)
 
 
-def column_parallel_matmul(x: jax.Array, w: jax.Array, /, *, n_contract: int, axis: MeshAxes,
-                           mode: Mode, split_dim: int | None = None) -> jax.Array:
+def column_parallel_matmul(
+    x: jax.Array,
+    w: jax.Array,
+    /,
+    *,
+    n_contract: int,
+    axis: MeshAxes,
+    mode: Mode,
+    split_dim: int | None = None,
+) -> jax.Array:
     """Contract like :func:`row_parallel_matmul`, with an output dim of ``w`` split instead.
 
     Each device computes its block of output features: no communication in the forward pass
@@ -100,29 +114,46 @@ def column_parallel_matmul(x: jax.Array, w: jax.Array, /, *, n_contract: int, ax
     split_dim = n_contract if split_dim is None else split_dim
     w_spec = P(*(None,) * split_dim, axis)
     y_spec = P(*(None,) * (x.ndim - n_contract + split_dim - n_contract), axis)
-    return jax.shard_map(lambda x_, w_i: jnp.tensordot(x_, w_i, n_contract),
-                         mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(), w_spec),
-                         out_specs=y_spec, axis_names=set(axes_tuple(axis)))(x, w)
+    return jax.shard_map(
+        lambda x_, w_i: jnp.tensordot(x_, w_i, n_contract),
+        mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=(P(), w_spec),
+        out_specs=y_spec,
+        axis_names=set(axes_tuple(axis)),
+    )(x, w)
 
 
 class _Linear(nnx.Module):
     """Shared state of the two parallel linears: kernel ``(in, out)`` and bias ``(out,)``."""
 
-    def __init__(self, in_features: int, out_features: int, *, names: tuple[str, str],
-                 use_bias: bool, mode: Mode, dtype: jnp.dtype | None, param_dtype: jnp.dtype,
-                 kernel_init: Initializer, rngs: nnx.Rngs) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        names: tuple[str, str],
+        use_bias: bool,
+        mode: Mode,
+        dtype: jnp.dtype | None,
+        param_dtype: jnp.dtype,
+        kernel_init: Initializer,
+        rngs: nnx.Rngs,
+    ) -> None:
         _check_mode(mode)
         if in_features < 1 or out_features < 1:
-            raise ConfigError(f"features must be positive, got in={in_features}, "
-                              f"out={out_features}.")
+            raise ConfigError(
+                f"features must be positive, got in={in_features}, out={out_features}."
+            )
         self.in_features, self.out_features = in_features, out_features
         self.names = names
         self.mode: Mode = mode
         self.dtype = dtype
-        self.kernel = named_param(kernel_init(rngs.params(), (in_features, out_features),
-                                              param_dtype), names)
-        self.bias = (named_param(jnp.zeros((out_features,), param_dtype), names[1:])
-                     if use_bias else None)
+        self.kernel = named_param(
+            kernel_init(rngs.params(), (in_features, out_features), param_dtype), names
+        )
+        self.bias = (
+            named_param(jnp.zeros((out_features,), param_dtype), names[1:]) if use_bias else None
+        )
 
     def _operands(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         dtype = self.dtype or x.dtype
@@ -144,18 +175,36 @@ class ColumnParallelLinear(_Linear):
         >>> layer = ColumnParallelLinear(64, 256, rngs=nnx.Rngs(0))
     """
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-                 names: tuple[str, str] = ("embed", "mlp"), mode: Mode = "auto",
-                 dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-                 kernel_init: Initializer = default_kernel_init, rngs: nnx.Rngs) -> None:
-        super().__init__(in_features, out_features, names=names, use_bias=use_bias, mode=mode,
-                         dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
-                         rngs=rngs)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        names: tuple[str, str] = ("embed", "mlp"),
+        mode: Mode = "auto",
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        kernel_init: Initializer = default_kernel_init,
+        rngs: nnx.Rngs,
+    ) -> None:
+        super().__init__(
+            in_features,
+            out_features,
+            names=names,
+            use_bias=use_bias,
+            mode=mode,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=kernel_init,
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x, w = self._operands(x)
-        y = column_parallel_matmul(x, w, n_contract=1, axis=param_axis(self.names[1]),
-                                   mode=self.mode)
+        y = column_parallel_matmul(
+            x, w, n_contract=1, axis=param_axis(self.names[1]), mode=self.mode
+        )
         return constrain(self._add_bias(y), _act_names(y.ndim, self.names[1]))
 
 
@@ -173,19 +222,35 @@ class RowParallelLinear(_Linear):
         >>> layer = RowParallelLinear(256, 64, rngs=nnx.Rngs(0))
     """
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-                 names: tuple[str, str] = ("mlp", "embed"), mode: Mode = "auto",
-                 dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-                 kernel_init: Initializer = default_kernel_init, rngs: nnx.Rngs) -> None:
-        super().__init__(in_features, out_features, names=names, use_bias=use_bias, mode=mode,
-                         dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
-                         rngs=rngs)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        names: tuple[str, str] = ("mlp", "embed"),
+        mode: Mode = "auto",
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        kernel_init: Initializer = default_kernel_init,
+        rngs: nnx.Rngs,
+    ) -> None:
+        super().__init__(
+            in_features,
+            out_features,
+            names=names,
+            use_bias=use_bias,
+            mode=mode,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=kernel_init,
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x, w = self._operands(x)
         x = constrain(x, _act_names(x.ndim, self.names[0]))
-        y = row_parallel_matmul(x, w, n_contract=1, axis=param_axis(self.names[0]),
-                                mode=self.mode)
+        y = row_parallel_matmul(x, w, n_contract=1, axis=param_axis(self.names[0]), mode=self.mode)
         y = constrain(y, _act_names(y.ndim, self.names[1]))  # whole over the tensor axis
         return self._add_bias(y)  # after the psum: added once, not once per shard
 
@@ -201,18 +266,26 @@ class ParallelEmbed(nnx.Module):
         (1, 2, 64)
     """
 
-    def __init__(self, num_embeddings: int, features: int, *, mode: Mode = "auto",
-                 names: tuple[str, str] = ("vocab", "embed"), dtype: jnp.dtype | None = None,
-                 param_dtype: jnp.dtype = jnp.float32,
-                 embedding_init: Initializer = default_embedding_init,
-                 rngs: nnx.Rngs) -> None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        mode: Mode = "auto",
+        names: tuple[str, str] = ("vocab", "embed"),
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        embedding_init: Initializer = default_embedding_init,
+        rngs: nnx.Rngs,
+    ) -> None:
         _check_mode(mode)
         self.num_embeddings, self.features = num_embeddings, features
         self.mode: Mode = mode
         self.names = names
         self.dtype = dtype
-        self.embedding = named_param(embedding_init(rngs.params(), (num_embeddings, features),
-                                                    param_dtype), names)
+        self.embedding = named_param(
+            embedding_init(rngs.params(), (num_embeddings, features), param_dtype), names
+        )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         table = self.embedding[...].astype(self.dtype or self.embedding[...].dtype)
@@ -223,8 +296,7 @@ class ParallelEmbed(nnx.Module):
             # A one-hot contraction over the split vocabulary is a row-parallel product: the
             # partitioner computes local partial sums and all-reduces them (no table gather).
             one_hot = jax.nn.one_hot(ids, self.num_embeddings, dtype=table.dtype)
-            y = jnp.tensordot(constrain(one_hot, _act_names(one_hot.ndim, self.names[0])),
-                              table, 1)
+            y = jnp.tensordot(constrain(one_hot, _act_names(one_hot.ndim, self.names[0])), table, 1)
         else:
             y = _manual_lookup(ids, table, axis)
         return constrain(y, _act_names(y.ndim, self.names[1]))
@@ -243,8 +315,13 @@ def _manual_lookup(ids: jax.Array, table: jax.Array, axis: MeshAxes) -> jax.Arra
     # Gather the table's other splits (FSDP's 'embed' over 'data') before the manual region:
     # left to the partitioner, it gathers the far larger one-hot activations instead.
     table = jax.lax.with_sharding_constraint(table, P(axis))
-    return jax.shard_map(block, mesh=jax.sharding.get_abstract_mesh(), in_specs=(P(), P(axis)),
-                         out_specs=P(), axis_names=set(axes))(ids, table)
+    return jax.shard_map(
+        block,
+        mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=(P(), P(axis)),
+        out_specs=P(),
+        axis_names=set(axes),
+    )(ids, table)
 
 
 class ParallelMLP(nnx.Module):
@@ -256,19 +333,42 @@ class ParallelMLP(nnx.Module):
         >>> mlp = ParallelMLP(64, 256, rngs=nnx.Rngs(0))
     """
 
-    def __init__(self, features: int, hidden: int, *, activation: Callable = jax.nn.gelu,
-                 use_bias: bool = True, mode: Mode = "auto", dtype: jnp.dtype | None = None,
-                 param_dtype: jnp.dtype = jnp.float32,
-                 kernel_init: Initializer = default_kernel_init, rngs: nnx.Rngs) -> None:
+    def __init__(
+        self,
+        features: int,
+        hidden: int,
+        *,
+        activation: Callable = jax.nn.gelu,
+        use_bias: bool = True,
+        mode: Mode = "auto",
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        kernel_init: Initializer = default_kernel_init,
+        rngs: nnx.Rngs,
+    ) -> None:
         self.activation = activation
-        self.up = ColumnParallelLinear(features, hidden, names=("embed", "mlp"),
-                                       use_bias=use_bias, mode=mode, dtype=dtype,
-                                       param_dtype=param_dtype, kernel_init=kernel_init,
-                                       rngs=rngs)
-        self.down = RowParallelLinear(hidden, features, names=("mlp", "embed"),
-                                      use_bias=use_bias, mode=mode, dtype=dtype,
-                                      param_dtype=param_dtype, kernel_init=kernel_init,
-                                      rngs=rngs)
+        self.up = ColumnParallelLinear(
+            features,
+            hidden,
+            names=("embed", "mlp"),
+            use_bias=use_bias,
+            mode=mode,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=kernel_init,
+            rngs=rngs,
+        )
+        self.down = RowParallelLinear(
+            hidden,
+            features,
+            names=("mlp", "embed"),
+            use_bias=use_bias,
+            mode=mode,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=kernel_init,
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down(self.activation(self.up(x)))
@@ -288,50 +388,74 @@ class ParallelAttention(nnx.Module):
         (2, 16, 64)
     """
 
-    def __init__(self, features: int, *, num_heads: int, head_dim: int | None = None,
-                 causal: bool = True, use_bias: bool = True, mode: Mode = "auto",
-                 dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-                 kernel_init: Initializer = default_kernel_init, rngs: nnx.Rngs) -> None:
+    def __init__(
+        self,
+        features: int,
+        *,
+        num_heads: int,
+        head_dim: int | None = None,
+        causal: bool = True,
+        use_bias: bool = True,
+        mode: Mode = "auto",
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        kernel_init: Initializer = default_kernel_init,
+        rngs: nnx.Rngs,
+    ) -> None:
         _check_mode(mode)
         if head_dim is None:
             if features % num_heads:
-                raise ConfigError(f"features={features} is not divisible by num_heads="
-                                  f"{num_heads}; pass head_dim explicitly or change one of them.")
+                raise ConfigError(
+                    f"features={features} is not divisible by num_heads="
+                    f"{num_heads}; pass head_dim explicitly or change one of them."
+                )
             head_dim = features // num_heads
         self.num_heads, self.head_dim, self.causal = num_heads, head_dim, causal
         self.mode: Mode = mode
         self.dtype = dtype
         shape_out = (num_heads, head_dim, features)
 
-        def param(shape: Sequence[int], names: tuple[str | None, ...],
-                  fn: Initializer) -> nnx.Param:
+        def param(
+            shape: Sequence[int], names: tuple[str | None, ...], fn: Initializer
+        ) -> nnx.Param:
             return named_param(fn(rngs.params(), shape, param_dtype), names)
 
-        qkv_init = (kernel_init if kernel_init is not default_kernel_init else
-                    nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                      in_axis=0, out_axis=(2, 3),
-                                                      batch_axis=(1,)))
+        qkv_init = (
+            kernel_init
+            if kernel_init is not default_kernel_init
+            else nnx.initializers.variance_scaling(
+                1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(2, 3), batch_axis=(1,)
+            )
+        )
         # q, k and v in one kernel: one matmul, and one all-reduce for the input's gradient
-        self.qkv = param((features, 3, num_heads, head_dim), ("embed", None, "heads", "kv"),
-                         qkv_init)
-        out_init = (kernel_init if kernel_init is not default_kernel_init else
-                    nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                      in_axis=(0, 1), out_axis=2))
+        self.qkv = param(
+            (features, 3, num_heads, head_dim), ("embed", None, "heads", "kv"), qkv_init
+        )
+        out_init = (
+            kernel_init
+            if kernel_init is not default_kernel_init
+            else nnx.initializers.variance_scaling(
+                1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2
+            )
+        )
         self.out = param(shape_out, ("heads", "kv", "embed"), out_init)
-        self.out_bias = (named_param(jnp.zeros((features,), param_dtype), ("embed",))
-                         if use_bias else None)
+        self.out_bias = (
+            named_param(jnp.zeros((features,), param_dtype), ("embed",)) if use_bias else None
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         axis = param_axis("heads")
-        qkv = column_parallel_matmul(x, self.qkv[...].astype(dtype), n_contract=1, axis=axis,
-                                     mode=self.mode, split_dim=2)
+        qkv = column_parallel_matmul(
+            x, self.qkv[...].astype(dtype), n_contract=1, axis=axis, mode=self.mode, split_dim=2
+        )
         qkv = constrain(qkv, _act_names(qkv.ndim, None, "heads", "kv"))
         q, k, v = (qkv[..., i, :, :] for i in range(3))
         o = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
-        y = row_parallel_matmul(o, self.out[...].astype(dtype), n_contract=2, axis=axis,
-                                mode=self.mode)
+        y = row_parallel_matmul(
+            o, self.out[...].astype(dtype), n_contract=2, axis=axis, mode=self.mode
+        )
         y = constrain(y, _act_names(y.ndim, "embed"))
         return y if self.out_bias is None else y + self.out_bias[...].astype(y.dtype)
 
@@ -344,8 +468,14 @@ class RMSNorm(nnx.Module):
         (2, 64)
     """
 
-    def __init__(self, features: int, *, eps: float = 1e-6, param_dtype: jnp.dtype = jnp.float32,
-                 rngs: nnx.Rngs | None = None) -> None:
+    def __init__(
+        self,
+        features: int,
+        *,
+        eps: float = 1e-6,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ) -> None:
         del rngs  # deterministic init; accepted for a uniform constructor signature
         self.eps = eps
         self.scale = named_param(jnp.ones((features,), param_dtype), ("embed",))

@@ -19,18 +19,23 @@ from jmp.layers import Mode
 from jmp.rules import axes_tuple
 
 
-def _local_terms(logits: jax.Array, targets: jax.Array, offset: jax.Array | int,
-                 ) -> tuple[jax.Array, jax.Array]:
+def _local_terms(
+    logits: jax.Array,
+    targets: jax.Array,
+    offset: jax.Array | int,
+) -> tuple[jax.Array, jax.Array]:
     """(max over this slice, logit of the target if it falls in this slice else 0)."""
     local = targets - offset
     hit = (local >= 0) & (local < logits.shape[-1])
-    picked = jnp.take_along_axis(logits, jnp.clip(local, 0, logits.shape[-1] - 1)[..., None],
-                                 axis=-1)[..., 0]
+    picked = jnp.take_along_axis(
+        logits, jnp.clip(local, 0, logits.shape[-1] - 1)[..., None], axis=-1
+    )[..., 0]
     return jnp.max(logits, axis=-1), jnp.where(hit, picked, 0.0)
 
 
-def token_losses(logits: jax.Array, targets: jax.Array, /, *, mode: Mode = "auto",
-                 vocab_name: str = "vocab") -> jax.Array:
+def token_losses(
+    logits: jax.Array, targets: jax.Array, /, *, mode: Mode = "auto", vocab_name: str = "vocab"
+) -> jax.Array:
     """Per-token ``logsumexp(logits) - logits[target]`` (nats), computed in float32.
 
     Args:
@@ -42,8 +47,9 @@ def token_losses(logits: jax.Array, targets: jax.Array, /, *, mode: Mode = "auto
     logits = logits.astype(jnp.float32)
     axis = param_axis(vocab_name)
     if axis is None or mode == "auto":
-        target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1],
-                                                       dtype=logits.dtype), axis=-1)
+        target_logit = jnp.sum(
+            logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1
+        )
         return jax.nn.logsumexp(logits, axis=-1) - target_logit
     axes = axes_tuple(axis)
 
@@ -55,9 +61,13 @@ def token_losses(logits: jax.Array, targets: jax.Array, /, *, mode: Mode = "auto
         return jnp.log(total) + top - jax.lax.psum(picked, axes)
 
     lead = (None,) * (logits.ndim - 1)
-    return jax.shard_map(block, mesh=jax.sharding.get_abstract_mesh(),
-                         in_specs=(P(*lead, axis), P()), out_specs=P(),
-                         axis_names=set(axes))(logits, targets)
+    return jax.shard_map(
+        block,
+        mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=(P(*lead, axis), P()),
+        out_specs=P(),
+        axis_names=set(axes),
+    )(logits, targets)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, /, *, mode: Mode = "auto") -> jax.Array:

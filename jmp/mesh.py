@@ -58,13 +58,17 @@ def parse_mesh_spec(spec: MeshSpec, /) -> dict[str, int]:
 def _parse_item(part: str, spec: str) -> tuple[str, int]:
     name, eq, size = part.partition("=")
     if not eq:
-        raise MeshError(f"Malformed mesh spec {spec!r}: {part.strip()!r} is not 'axis=size'. "
-                        f"Example: 'data=2,model=4'.")
+        raise MeshError(
+            f"Malformed mesh spec {spec!r}: {part.strip()!r} is not 'axis=size'. "
+            f"Example: 'data=2,model=4'."
+        )
     try:
         return name.strip(), int(size.strip())
     except ValueError:
-        raise MeshError(f"Malformed mesh spec {spec!r}: size {size.strip()!r} of axis "
-                        f"{name.strip()!r} is not an integer.") from None
+        raise MeshError(
+            f"Malformed mesh spec {spec!r}: size {size.strip()!r} of axis "
+            f"{name.strip()!r} is not an integer."
+        ) from None
 
 
 def fitting_shapes(names: Sequence[str], n_devices: int, /) -> list[dict[str, int]]:

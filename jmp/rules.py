@@ -25,13 +25,13 @@ from dataclasses import dataclass
 
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
+from jmp import strategies
 from jmp.errors import ConfigError, ShardingError
 
-MeshAxes = str | tuple[str, ...] | None
+MeshAxes = strategies.MeshAxes
 RuleTable = tuple[tuple[str, MeshAxes], ...]
 
-#: The logical names jmp's layers and models use.
-LOGICAL_NAMES = ("batch", "seq", "embed", "mlp", "heads", "kv", "vocab", "layers", "stage")
+LOGICAL_NAMES = strategies.LOGICAL_NAMES  # the logical names jmp's layers and models use
 
 
 def _freeze(table: Mapping[str, MeshAxes] | Iterable[tuple[str, MeshAxes]]) -> RuleTable:
@@ -40,8 +40,11 @@ def _freeze(table: Mapping[str, MeshAxes] | Iterable[tuple[str, MeshAxes]]) -> R
     for name, axes in items:
         if isinstance(axes, list):
             axes = tuple(axes)
-        if not (axes is None or isinstance(axes, str) or
-                (isinstance(axes, tuple) and all(isinstance(a, str) for a in axes))):
+        if not (
+            axes is None
+            or isinstance(axes, str)
+            or (isinstance(axes, tuple) and all(isinstance(a, str) for a in axes))
+        ):
             raise ShardingError(
                 f"Rule for logical name {name!r} must be a mesh axis name, a tuple of them, or "
                 f"None (replicated); got {axes!r}."
@@ -68,11 +71,15 @@ class Rules:
     params: RuleTable
     activations: RuleTable
 
-    def __init__(self, params: Mapping[str, MeshAxes] | Iterable[tuple[str, MeshAxes]],
-                 activations: Mapping[str, MeshAxes] | None = None) -> None:
+    def __init__(
+        self,
+        params: Mapping[str, MeshAxes] | Iterable[tuple[str, MeshAxes]],
+        activations: Mapping[str, MeshAxes] | None = None,
+    ) -> None:
         object.__setattr__(self, "params", _freeze(params))
-        object.__setattr__(self, "activations",
-                           self.params if activations is None else _freeze(activations))
+        object.__setattr__(
+            self, "activations", self.params if activations is None else _freeze(activations)
+        )
 
     @property
     def params_dict(self) -> dict[str, MeshAxes]:
@@ -82,22 +89,40 @@ class Rules:
     def activations_dict(self) -> dict[str, MeshAxes]:
         return dict(self.activations)
 
-    def replace(self, *, params: Mapping[str, MeshAxes] | None = None,
-                activations: Mapping[str, MeshAxes] | None = None) -> Rules:
+    def replace(
+        self,
+        *,
+        params: Mapping[str, MeshAxes] | None = None,
+        activations: Mapping[str, MeshAxes] | None = None,
+    ) -> Rules:
         """A copy with some entries of each table overridden."""
-        return Rules({**self.params_dict, **(params or {})},
-                     {**self.activations_dict, **(activations or {})})
+        return Rules(
+            {**self.params_dict, **(params or {})}, {**self.activations_dict, **(activations or {})}
+        )
 
-    def param_spec(self, names: Sequence[str | None], /, *, shape: Sequence[int] | None = None,
-                   mesh: Mesh | AbstractMesh | None = None, path: str = "<param>") -> PartitionSpec:
+    def param_spec(
+        self,
+        names: Sequence[str | None],
+        /,
+        *,
+        shape: Sequence[int] | None = None,
+        mesh: Mesh | AbstractMesh | None = None,
+        path: str = "<param>",
+    ) -> PartitionSpec:
         """Resolve a parameter's logical names into a ``PartitionSpec``, or raise."""
         spec, problems = resolve(names, self.params_dict, shape=shape, mesh=mesh, path=path)
         raise_problems(problems, what="parameter")
         return spec
 
-    def activation_spec(self, names: Sequence[str | None], /, *,
-                        shape: Sequence[int] | None = None, mesh: Mesh | AbstractMesh | None = None,
-                        path: str = "<activation>") -> PartitionSpec:
+    def activation_spec(
+        self,
+        names: Sequence[str | None],
+        /,
+        *,
+        shape: Sequence[int] | None = None,
+        mesh: Mesh | AbstractMesh | None = None,
+        path: str = "<activation>",
+    ) -> PartitionSpec:
         """Resolve an activation's logical names into a ``PartitionSpec``, or raise."""
         spec, problems = resolve(names, self.activations_dict, shape=shape, mesh=mesh, path=path)
         raise_problems(problems, what="activation")
@@ -111,8 +136,9 @@ def axes_tuple(axes: MeshAxes) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def check_batch(batch_size: int, microbatches: int, mesh: Mesh | AbstractMesh,
-                rules: Rules) -> tuple[tuple[str, ...], int]:
+def check_batch(
+    batch_size: int, microbatches: int, mesh: Mesh | AbstractMesh, rules: Rules
+) -> tuple[tuple[str, ...], int]:
     """The mesh axes that split the batch and the rows of one microbatch on each device.
 
     Raises:
@@ -126,13 +152,19 @@ def check_batch(batch_size: int, microbatches: int, mesh: Mesh | AbstractMesh,
         raise ConfigError(
             f"Batch of {batch_size} in {microbatches} microbatch(es) gives {micro} rows, which "
             f"the batch axes {axes} of size {ways} do not divide. Fix: use a batch size that is "
-            f"a multiple of {ways * microbatches}.")
+            f"a multiple of {ways * microbatches}."
+        )
     return axes, micro // ways
 
 
-def resolve(names: Sequence[str | None], table: Mapping[str, MeshAxes], *,
-            shape: Sequence[int] | None = None, mesh: Mesh | AbstractMesh | None = None,
-            path: str = "<array>") -> tuple[PartitionSpec, list[str]]:
+def resolve(
+    names: Sequence[str | None],
+    table: Mapping[str, MeshAxes],
+    *,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | AbstractMesh | None = None,
+    path: str = "<array>",
+) -> tuple[PartitionSpec, list[str]]:
     """Resolve logical ``names`` with ``table``; return the spec and every problem found.
 
     A ``None`` logical name means "replicated" without needing a rule. Problems are strings,
@@ -141,8 +173,10 @@ def resolve(names: Sequence[str | None], table: Mapping[str, MeshAxes], *,
     where = f"{path} shape={tuple(shape) if shape is not None else '?'} names={tuple(names)}"
     problems: list[str] = []
     if shape is not None and len(names) != len(shape):
-        return PartitionSpec(), [f"{where}: {len(names)} logical names for {len(shape)} "
-                                 f"dimensions. Fix: give one name (or None) per dimension."]
+        return PartitionSpec(), [
+            f"{where}: {len(names)} logical names for {len(shape)} "
+            f"dimensions. Fix: give one name (or None) per dimension."
+        ]
     entries: list[MeshAxes] = []
     seen: dict[str, str] = {}
     for dim, name in enumerate(names):
@@ -150,20 +184,26 @@ def resolve(names: Sequence[str | None], table: Mapping[str, MeshAxes], *,
             entries.append(None)
             continue
         if name not in table:
-            problems.append(f"{where}: logical name {name!r} has no rule. Fix: add "
-                            f"{name!r}: <mesh axis or None> to the rules (known: "
-                            f"{sorted(table)}).")
+            problems.append(
+                f"{where}: logical name {name!r} has no rule. Fix: add "
+                f"{name!r}: <mesh axis or None> to the rules (known: "
+                f"{sorted(table)})."
+            )
             entries.append(None)
             continue
         axes = axes_tuple(table[name])
         for axis in axes:
             if mesh is not None and axis not in mesh.shape:
-                problems.append(f"{where}: rule {name!r} -> {axis!r}, but the mesh has no axis "
-                                f"{axis!r} (mesh axes: {dict(mesh.shape)}). Fix: map {name!r} "
-                                f"to one of {tuple(mesh.shape)} or None.")
+                problems.append(
+                    f"{where}: rule {name!r} -> {axis!r}, but the mesh has no axis "
+                    f"{axis!r} (mesh axes: {dict(mesh.shape)}). Fix: map {name!r} "
+                    f"to one of {tuple(mesh.shape)} or None."
+                )
             elif axis in seen:
-                problems.append(f"{where}: mesh axis {axis!r} is used twice, by {seen[axis]!r} "
-                                f"and {name!r}. Fix: map one of them to another axis or None.")
+                problems.append(
+                    f"{where}: mesh axis {axis!r} is used twice, by {seen[axis]!r} "
+                    f"and {name!r}. Fix: map one of them to another axis or None."
+                )
             seen.setdefault(axis, name)
         if mesh is not None and shape is not None and all(a in mesh.shape for a in axes):
             size = math.prod(mesh.shape[a] for a in axes)
@@ -173,7 +213,8 @@ def resolve(names: Sequence[str | None], table: Mapping[str, MeshAxes], *,
                     f"{where}: dimension {dim} ({name!r}, size {shape[dim]}) is not divisible by "
                     f"mesh axis {table[name]!r} of size {size}. Fix: make the size a multiple "
                     f"of {size}, map {name!r} to None, or use a mesh where that axis has size "
-                    f"in {ok}.")
+                    f"in {ok}."
+                )
         entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     while entries and entries[-1] is None:
         entries.pop()  # P('model', None) and P('model') mean the same; keep one spelling
@@ -189,59 +230,33 @@ def raise_problems(problems: Sequence[str], *, what: str) -> None:
 
 # --- presets -------------------------------------------------------------------------------
 
-_TP_NAMES = ("mlp", "heads", "vocab")
-
-
-def _table(**overrides: MeshAxes) -> dict[str, MeshAxes]:
-    return {**dict.fromkeys(LOGICAL_NAMES, None), "stage": "stage", **overrides}
-
-
-def _strategy_tables(name: str) -> tuple[dict[str, MeshAxes], dict[str, MeshAxes], set[str]]:
-    tp = dict.fromkeys(_TP_NAMES, "model")
-    if name == "pp":
-        return _table(), _table(), {"stage"}
-    if name.startswith("pp_"):  # pipeline stages over 'stage' + the strategy within a stage
-        params, activations, needs = _strategy_tables(name[3:])
-        return params, activations, needs | {"stage"}
-    if name == "dp":
-        return _table(), _table(batch="data"), {"data"}
-    if name == "fsdp":
-        return _table(embed="data"), _table(batch="data"), {"data"}
-    if name == "tp":
-        return _table(**tp), _table(**tp), {"model"}
-    if name == "dp_tp":
-        return _table(**tp), _table(batch="data", **tp), {"data", "model"}
-    if name == "fsdp_tp":
-        return _table(embed="data", **tp), _table(batch="data", **tp), {"data", "model"}
-    raise ShardingError(f"Unknown strategy {name!r}. Known strategies: {', '.join(STRATEGIES)}.")
-
-
-STRATEGIES = ("dp", "fsdp", "tp", "dp_tp", "fsdp_tp", "pp", "pp_dp", "pp_tp", "pp_dp_tp")
-
 
 def preset(strategy: str, mesh: Mesh | AbstractMesh, /) -> Rules:
-    """The rules of a named strategy, checked against ``mesh``.
+    """The rules of a named strategy (see :mod:`jmp.strategies`), checked against ``mesh``.
+
+    A strategy is parallelism kinds joined by ``_``; each kind adds its rule entries:
 
     ================  ==============================  =================================
-    strategy          parameters                      activations
+    kind              parameters                      activations
     ================  ==============================  =================================
     ``dp``            replicated                      batch over ``data``
     ``fsdp``          ``embed`` dim over ``data``     batch over ``data``
     ``tp``            mlp/heads/vocab over ``model``  mlp/heads/vocab over ``model``
-    ``dp_tp``         as ``tp``                       as ``tp`` + batch over ``data``
-    ``fsdp_tp``       ``fsdp`` + ``tp``               as ``dp_tp``
-    ``pp``, ``pp_*``  blocks stacked over ``stage``   (``pp_dp``: + ``dp`` within a stage)
+    ``pp``            ``stage`` dim over ``stage``    ``stage`` over ``stage``
     ================  ==============================  =================================
 
     Raises:
-        ShardingError: unknown strategy, a mesh missing an axis the strategy needs, or a mesh
-            axis of size > 1 that the strategy would leave idle (devices doing duplicate work).
+        ConfigError: an unknown or invalid strategy name (listing the valid ones).
+        ShardingError: a mesh missing an axis the strategy needs, or a mesh axis of size > 1
+            that the strategy would leave idle (devices doing duplicate work).
 
     Example:
         >>> preset("fsdp", jmp.make_mesh("data=8")).params_dict["embed"]
         'data'
     """
-    params, activations, needs = _strategy_tables(strategy)
+    chosen = strategies.parse(strategy)
+    params, activations = chosen.tables()
+    needs = set(chosen.axes)
     missing = sorted(needs - set(mesh.shape))
     idle = sorted(a for a, n in mesh.shape.items() if a not in needs and n > 1)
     if missing or idle:
@@ -251,9 +266,14 @@ def preset(strategy: str, mesh: Mesh | AbstractMesh, /) -> Rules:
             msg.append(f"it needs mesh axes {missing}, which the mesh lacks.")
         if idle:
             msg.append(f"mesh axes {idle} would hold identical copies doing duplicate work.")
-        axes = sorted(needs)
-        example = ",".join([f"{a}=2" for a in axes[:-1]] + [f"{axes[-1]}=-1"])
-        msg.append(f"Fix: use a mesh over {axes} (e.g. '{example}') or pick a strategy that "
-                   f"uses {sorted(mesh.shape)}.")
+        msg.append(
+            f"Fix: use a mesh over {list(chosen.axes)} (e.g. "
+            f"'{chosen.default_mesh()}') or pick a strategy that uses "
+            f"{sorted(mesh.shape)}."
+        )
         raise ShardingError(" ".join(msg))
     return Rules(params, activations)
+
+
+#: Every strategy name :func:`preset` accepts (from the registry, :mod:`jmp.strategies`).
+STRATEGIES = strategies.names()

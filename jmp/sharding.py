@@ -43,8 +43,7 @@ def logical_names(variable: Any, /) -> tuple[str | None, ...] | None:
 
 
 def _path_str(path: Sequence[Any]) -> str:
-    return "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p))))
-                    for p in path)
+    return "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
 
 
 def _value(leaf: Any) -> Any:
@@ -59,8 +58,7 @@ def _is_leaf(x: Any) -> bool:
     return isinstance(x, (nnx.Variable, nn.Partitioned))
 
 
-def _spec_of(path: str, leaf: Any, rules: Rules, mesh: Mesh,
-             problems: list[str]) -> PartitionSpec:
+def _spec_of(path: str, leaf: Any, rules: Rules, mesh: Mesh, problems: list[str]) -> PartitionSpec:
     value = _value(leaf)
     names = logical_names(leaf)
     shape = tuple(getattr(value, "shape", ()))
@@ -70,7 +68,8 @@ def _spec_of(path: str, leaf: Any, rules: Rules, mesh: Mesh,
             problems.append(
                 f"{path} shape={shape}: parameter has no logical axis names. Fix: create it with "
                 f"nnx.with_partitioning(init, names) / nnx.Param(..., out_sharding=names), or "
-                f"nn.with_logical_partitioning in linen.")
+                f"nn.with_logical_partitioning in linen."
+            )
         return PartitionSpec()  # non-parameter state (RNG keys, counters) is small: replicate
     spec, found = resolve(names, rules.params_dict, shape=shape, mesh=mesh, path=path)
     problems += found
@@ -101,12 +100,14 @@ def partition_specs(model: Any, rules: Rules, mesh: Mesh, /) -> Any:
 def named_shardings(model: Any, rules: Rules, mesh: Mesh, /) -> Any:
     """Like :func:`partition_specs`, with each spec wrapped as a ``NamedSharding`` on ``mesh``."""
     specs = partition_specs(model, rules, mesh)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
 
 
-def _nnx_init(make_model: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh, rules: Rules,
-              seed: int) -> tuple[nnx.GraphDef, Callable[[], nnx.State]]:
+def _nnx_init(
+    make_model: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh, rules: Rules, seed: int
+) -> tuple[nnx.GraphDef, Callable[[], nnx.State]]:
     # Flax's eager sharding would resolve names with its own (non-strict) rules: turn it off and
     # give every variable its sharding through jit's out_shardings instead.
     with nnx.use_eager_sharding(False):
@@ -121,8 +122,15 @@ def _nnx_init(make_model: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh, rules: R
     return graphdef, jax.jit(init, out_shardings=shardings)
 
 
-def shard_init(make_model: Any, mesh: Mesh, rules: Rules, /, *, seed: int = 0,
-               example_inputs: Sequence[Any] = ()) -> Any:
+def shard_init(
+    make_model: Any,
+    mesh: Mesh,
+    rules: Rules,
+    /,
+    *,
+    seed: int = 0,
+    example_inputs: Sequence[Any] = (),
+) -> Any:
     """Create a model whose parameters are born sharded: one jitted init with ``out_shardings``.
 
     No parameter is ever whole on one device: each device computes only its own shards.
@@ -149,18 +157,22 @@ def shard_init(make_model: Any, mesh: Mesh, rules: Rules, /, *, seed: int = 0,
     return nnx.merge(graphdef, init())
 
 
-def _linen_init(module: nn.Module, mesh: Mesh, rules: Rules,
-                example_inputs: Sequence[Any]) -> Callable[[jax.Array], Any]:
+def _linen_init(
+    module: nn.Module, mesh: Mesh, rules: Rules, example_inputs: Sequence[Any]
+) -> Callable[[jax.Array], Any]:
     if not example_inputs:
-        raise ShardingError(f"shard_init of linen module {type(module).__name__} needs "
-                            f"example_inputs=(x, ...) to trace module.init.")
+        raise ShardingError(
+            f"shard_init of linen module {type(module).__name__} needs "
+            f"example_inputs=(x, ...) to trace module.init."
+        )
     abstract = jax.eval_shape(lambda k: module.init(k, *example_inputs), jax.random.key(0))
     shardings = named_shardings(abstract, rules, mesh)
     return jax.jit(lambda k: module.init(k, *example_inputs), out_shardings=shardings)
 
 
-def init_bytes_per_device(make_model: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh,
-                          rules: Rules, /, *, seed: int = 0) -> int:
+def init_bytes_per_device(
+    make_model: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh, rules: Rules, /, *, seed: int = 0
+) -> int:
     """Output bytes one device holds after the compiled sharded init (about total / N)."""
     _, init = _nnx_init(make_model, mesh, rules, seed)
     return int(init.lower().compile().memory_analysis().output_size_in_bytes)
@@ -190,11 +202,25 @@ class ParamTable(list):
         for col in ("shape", "dtype", "logical names", "spec", "total", "per device"):
             table.add_column(col, justify="right" if col in ("total", "per device") else "left")
         for r in self:
-            table.add_row(r.path, "×".join(map(str, r.shape)), r.dtype, _dims(r.names),
-                          _dims(r.spec), human_bytes(r.bytes_total),
-                          human_bytes(r.bytes_per_device))
-        table.add_row("total", "", "", "", "", human_bytes(self.bytes_total),
-                      human_bytes(self.bytes_per_device), style="bold")
+            table.add_row(
+                r.path,
+                "×".join(map(str, r.shape)),
+                r.dtype,
+                _dims(r.names),
+                _dims(r.spec),
+                human_bytes(r.bytes_total),
+                human_bytes(r.bytes_per_device),
+            )
+        table.add_row(
+            "total",
+            "",
+            "",
+            "",
+            "",
+            human_bytes(self.bytes_total),
+            human_bytes(self.bytes_per_device),
+            style="bold",
+        )
         return table
 
     @property
@@ -218,8 +244,12 @@ def _dims(entries: Any) -> str:
     """('embed', None) -> 'embed,·' : compact, so the table fits a notebook's width."""
     if entries is None:
         return "-"
-    return ",".join("·" if e is None else "+".join(e) if isinstance(e, tuple) else str(e)
-                    for e in entries) or "replicated"
+    return (
+        ",".join(
+            "·" if e is None else "+".join(e) if isinstance(e, tuple) else str(e) for e in entries
+        )
+        or "replicated"
+    )
 
 
 def _itemsize(dtype: Any) -> int:
@@ -227,8 +257,6 @@ def _itemsize(dtype: Any) -> int:
         return np.dtype(dtype).itemsize
     except TypeError:  # typed PRNG keys
         return int(getattr(dtype, "itemsize", 8))
-
-
 
 
 def param_table(model: Any, /) -> ParamTable:
@@ -247,8 +275,17 @@ def param_table(model: Any, /) -> ParamTable:
         sharding = getattr(value, "sharding", None)
         spec = getattr(sharding, "spec", None)
         local = sharding.shard_shape(shape) if sharding is not None else shape
-        rows.append(ParamRow(_path_str(path), shape, str(value.dtype), logical_names(leaf), spec,
-                             math.prod(shape) * itemsize, math.prod(local) * itemsize))
+        rows.append(
+            ParamRow(
+                _path_str(path),
+                shape,
+                str(value.dtype),
+                logical_names(leaf),
+                spec,
+                math.prod(shape) * itemsize,
+                math.prod(local) * itemsize,
+            )
+        )
 
     jax.tree_util.tree_map_with_path(one, _state_of(model), is_leaf=_is_leaf)
     return rows

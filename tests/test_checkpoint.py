@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 import jmp
-from jmp.checkpoint import Checkpointer, CheckpointError
-from jmp.data import TextData
-from jmp.loop import run_training
 from jmp.models import GPT, GPTConfig
 from jmp.train import TrainConfig, make_eval_step, make_optimizer, make_step
+from jmp.train.checkpoint import Checkpointer, CheckpointError
+from jmp.train.data import TextData
+from jmp.train.loop import run_training
 from tests.cli_util import run_jmp
 
 TINY = ["--model", "tiny", "--batch", "8", "--eval-every", "100", "--sample", "0"]
@@ -50,8 +50,12 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, make_mesh):
     killed = str(tmp_path / "killed")
     kill_after = random.Random().randint(6, 20)  # a random step, between checkpoints or not
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.Popen([sys.executable, "-m", "jmp.cli", "train", *args, "--out", killed],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jmp.cli", "train", *args, "--out", killed],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     metrics = os.path.join(killed, "metrics.jsonl")
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -88,8 +92,9 @@ def _train_and_save(tmp_path, mesh, rules, steps=3):
     return out, cfg, result
 
 
-@pytest.mark.parametrize("strategy,spec", [("fsdp", "data=8"), ("tp", "model=8"),
-                                           ("fsdp_tp", "data=4,model=2")])
+@pytest.mark.parametrize(
+    "strategy,spec", [("fsdp", "data=8"), ("tp", "model=8"), ("fsdp_tp", "data=4,model=2")]
+)
 def test_restore_onto_another_mesh_and_strategy(tmp_path, make_mesh, strategy, spec):
     src_mesh = make_mesh("data=2,model=4")
     src_rules = jmp.rules.preset("dp_tp", src_mesh)
@@ -104,9 +109,12 @@ def test_restore_onto_another_mesh_and_strategy(tmp_path, make_mesh, strategy, s
     state = ckpt.restore(ckpt.latest_step(), target=target)
     ckpt.close()
     assert int(state.step) == 3
-    for got, want, sharding in zip(jax.tree.leaves(state.params),
-                                   jax.tree.leaves(saved.state.params),
-                                   jax.tree.leaves(step.state_shardings.params), strict=True):
+    for got, want, sharding in zip(
+        jax.tree.leaves(state.params),
+        jax.tree.leaves(saved.state.params),
+        jax.tree.leaves(step.state_shardings.params),
+        strict=True,
+    ):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         assert got.sharding.is_equivalent_to(sharding, got.ndim)
     # the next step's loss agrees with the one computed on the original mesh
@@ -138,8 +146,15 @@ def test_leftover_temporary_folder_of_an_interrupted_save_is_ignored(tmp_path, m
     ckpt = Checkpointer(ckpt_dir, create=False)
     assert ckpt.latest_step() == 3
     ckpt.close()
-    resumed = run_training(CFG, TrainConfig(steps=5, batch_size=8, eval_every=100), mesh, rules,
-                           DATA, out_dir=out, resume=True)
+    resumed = run_training(
+        CFG,
+        TrainConfig(steps=5, batch_size=8, eval_every=100),
+        mesh,
+        rules,
+        DATA,
+        out_dir=out,
+        resume=True,
+    )
     assert [r["step"] for r in resumed.history] == [1, 2, 3, 4, 5]
 
 
@@ -154,23 +169,56 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, make_mesh):
                 with open(os.path.join(root, name), "r+b") as f:
                     f.truncate(7)  # truncated files, as after a full disk
     with pytest.raises(CheckpointError, match="Cannot restore checkpoint step 3"):
-        run_training(CFG, TrainConfig(steps=5, batch_size=8, eval_every=100), mesh, rules, DATA,
-                     out_dir=out, resume=True)
+        run_training(
+            CFG,
+            TrainConfig(steps=5, batch_size=8, eval_every=100),
+            mesh,
+            rules,
+            DATA,
+            out_dir=out,
+            resume=True,
+        )
 
 
 def test_cli_resume_errors(tmp_path):
-    missing = run_jmp("train", *TINY, "--steps", "2", "--out", str(tmp_path / "nope"),
-                      "--resume", timeout=120)
+    missing = run_jmp(
+        "train", *TINY, "--steps", "2", "--out", str(tmp_path / "nope"), "--resume", timeout=120
+    )
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     out = str(tmp_path / "run")
     assert run_jmp("train", *TINY, "--steps", "2", "--out", out).returncode == 0
-    other = run_jmp("train", "--model", "small", "--batch", "8", "--sample", "0", "--steps", "3",
-                    "--out", out, "--resume", timeout=120)
+    other = run_jmp(
+        "train",
+        "--model",
+        "small",
+        "--batch",
+        "8",
+        "--sample",
+        "0",
+        "--steps",
+        "3",
+        "--out",
+        out,
+        "--resume",
+        timeout=120,
+    )
     assert other.returncode == 2 and "another model config" in other.stderr
     assert "Traceback" not in other.stderr
     # resume on another mesh and strategy through the CLI
-    moved = run_jmp("train", *TINY, "--steps", "3", "--out", out, "--resume",
-                    "--strategy", "fsdp", "--mesh", "data=8", timeout=120)
+    moved = run_jmp(
+        "train",
+        *TINY,
+        "--steps",
+        "3",
+        "--out",
+        out,
+        "--resume",
+        "--strategy",
+        "fsdp",
+        "--mesh",
+        "data=8",
+        timeout=120,
+    )
     assert moved.returncode == 0, moved.stderr[-2000:]
     assert len(_losses(out)) == 3
 
@@ -178,8 +226,17 @@ def test_cli_resume_errors(tmp_path):
 def test_empty_data_file_is_a_clear_error(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    done = run_jmp("train", *TINY, "--steps", "2", "--out", str(tmp_path / "r"), "--data",
-                   str(empty), timeout=120)
+    done = run_jmp(
+        "train",
+        *TINY,
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "r"),
+        "--data",
+        str(empty),
+        timeout=120,
+    )
     assert done.returncode == 2 and "train split has" in done.stderr, done.stderr
 
 
@@ -188,8 +245,9 @@ def test_nonfinite_stops_naming_step_and_keeps_the_last_good_checkpoint(tmp_path
     rules = jmp.rules.preset("dp_tp", mesh)
     out = str(tmp_path / "nan")
     exploding = TrainConfig(steps=10, batch_size=8, lr=1e8, warmup_steps=0, eval_every=100)
-    with pytest.raises(jmp.loop.NonFiniteError,
-                       match=r"Non-finite (loss|grad_norm)=(nan|inf) at step 3;"):
+    with pytest.raises(
+        jmp.train.loop.NonFiniteError, match=r"Non-finite (loss|grad_norm)=(nan|inf) at step 3;"
+    ):
         run_training(CFG, exploding, mesh, rules, DATA, out_dir=out, checkpoint_every=2)
     ckpt = Checkpointer(os.path.join(out, "checkpoints"), create=False)
     assert ckpt.latest_step() == 2  # nothing written after the bad step
@@ -206,24 +264,31 @@ def test_skip_nonfinite_counts_and_goes_on(make_mesh):
     exploding = TrainConfig(steps=6, batch_size=8, lr=1e8, warmup_steps=0, eval_every=100)
     result = run_training(CFG, exploding, mesh, rules, DATA, skip_nonfinite=True)
     assert result.skipped == 4 and [r.get("skipped", 0) for r in result.history] == [
-        0, 0, 1, 2, 3, 4]
+        0,
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result.state.params))
 
 
 def test_cli_nonfinite_is_exit_2(tmp_path):
-    done = run_jmp("train", *TINY, "--steps", "6", "--lr", "1e8", "--out", str(tmp_path / "r"),
-                   timeout=120)
+    done = run_jmp(
+        "train", *TINY, "--steps", "6", "--lr", "1e8", "--out", str(tmp_path / "r"), timeout=120
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert re.search(r"Non-finite (loss|grad_norm|parameters)(=(nan|inf))? at step \d", done.stderr)
     assert "Traceback" not in done.stderr
 
 
 def test_non_finite_parameters_are_never_checkpointed():
-    from jmp.loop import _check_finite_params
     from jmp.train import TrainState
+    from jmp.train.loop import _check_finite_params
 
     good = TrainState(np.int32(1), {"w": np.ones(3, np.float32)}, ())
     _check_finite_params(good, 1)
     bad = TrainState(np.int32(1), {"w": np.array([1.0, np.inf, 0.0], np.float32)}, ())
-    with pytest.raises(jmp.loop.NonFiniteError, match="Non-finite parameters at step 7"):
+    with pytest.raises(jmp.train.loop.NonFiniteError, match="Non-finite parameters at step 7"):
         _check_finite_params(bad, 7)

@@ -47,15 +47,15 @@ def test_bad_arguments(n):
 
 
 def _fresh_env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
 
 def test_fresh_process_gets_requested_count():
     code = "import jmp; jmp.simulate_cpu_devices(4); import jax; print(jax.device_count())"
-    out = subprocess.run([sys.executable, "-c", code], env=_fresh_env(), capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=_fresh_env(), capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "4"

@@ -1,7 +1,7 @@
 """Several processes: 2 x 4 devices train like 1 x 8; checkpoints cross; failures are named.
 
-The multi-process runs are subprocesses started by :func:`jmp.launch.launch` (through
-``python -m jmp.launch --script``), each under ``timeout`` and on a free port. This file is
+The multi-process runs are subprocesses started by :func:`jmp.runtime.launch.launch` (through
+``python -m jmp.runtime.launch --script``), each under ``timeout`` and on a free port. This file is
 also their program: ``python tests/test_distributed.py train OUT REF`` is one process's work.
 """
 
@@ -19,18 +19,17 @@ import numpy as np
 import pytest
 
 import jmp
-import jmp.distributed as dist
-from jmp.data import TextData
-from jmp.launch import free_port, process_env
+import jmp.runtime.distributed as dist
 from jmp.models import GPTConfig
+from jmp.runtime.launch import free_port, process_env
 from jmp.train import TrainConfig
+from jmp.train.data import TextData
 
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 MESH = "data=2,model=4"
 CFG = GPTConfig.named("tiny", n_layers=2)
-TRAIN = TrainConfig(steps=5, batch_size=8, lr=1e-3, warmup_steps=1, eval_every=5,
-                    eval_batches=1)
+TRAIN = TrainConfig(steps=5, batch_size=8, lr=1e-3, warmup_steps=1, eval_every=5, eval_batches=1)
 DATA = TextData.from_tokens(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8))
 
 
@@ -41,20 +40,28 @@ def _train_and_restore(out: str, ref: str) -> None:
     """Train 5 steps on the 2-process mesh; then restore ``ref`` (saved by 1 process) on it."""
     import jax
 
-    from jmp.checkpoint import Checkpointer
-    from jmp.loop import run_training
+    from jmp.train.checkpoint import Checkpointer
+    from jmp.train.loop import run_training
 
     cluster = dist.initialize(expected_devices=MESH)
     mesh = jmp.make_mesh(MESH)
     rules = jmp.rules.preset("dp_tp", mesh)
     result = run_training(CFG, TRAIN, mesh, rules, DATA, out_dir=out)
-    _emit("RESULT", {"process": cluster.process_id, "devices": jax.device_count(),
-                     "local": jax.local_device_count(),
-                     "losses": [r["loss"] for r in result.history]})
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          result.state)
+    _emit(
+        "RESULT",
+        {
+            "process": cluster.process_id,
+            "devices": jax.device_count(),
+            "local": jax.local_device_count(),
+            "losses": [r["loss"] for r in result.history],
+        },
+    )
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), result.state
+    )
     restored = Checkpointer(os.path.join(ref, "checkpoints"), create=False).restore(
-        5, target=target)
+        5, target=target
+    )
     _emit("RESTORED", _checksums(restored.params, mesh))
 
 
@@ -65,10 +72,14 @@ def _checksums(params, mesh) -> dict[str, list[float]]:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    sums = jax.jit(lambda t: jax.tree.map(lambda a: jnp.stack([a.sum(), (a * a).sum()]), t),
-                   out_shardings=NamedSharding(mesh, P()))(params)
-    return {jax.tree_util.keystr(path): np.asarray(v.addressable_data(0)).tolist()
-            for path, v in jax.tree_util.tree_leaves_with_path(sums)}
+    sums = jax.jit(
+        lambda t: jax.tree.map(lambda a: jnp.stack([a.sum(), (a * a).sum()]), t),
+        out_shardings=NamedSharding(mesh, P()),
+    )(params)
+    return {
+        jax.tree_util.keystr(path): np.asarray(v.addressable_data(0)).tolist()
+        for path, v in jax.tree_util.tree_leaves_with_path(sums)
+    }
 
 
 def _tick(fail_at: int) -> None:
@@ -82,8 +93,9 @@ def _tick(fail_at: int) -> None:
     total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))
     print(f"ready pid={os.getpid()}", flush=True)
     for i in range(600):
-        x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")),
-                                                   np.ones(4, np.float32), (8,))
+        x = jax.make_array_from_process_local_data(
+            NamedSharding(mesh, P("d")), np.ones(4, np.float32), (8,)
+        )
         print(f"tick {i} {float(total(x))}", flush=True)
         if i == fail_at and cluster.process_id == 1:
             raise RuntimeError(f"boom at tick {i}")
@@ -119,15 +131,32 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _launch_cmd(limit: int, n: int, local: int, timeout_s: float, *argv: str) -> list[str]:
-    return ["timeout", "-k", "5", str(limit), sys.executable, "-m", "jmp.launch", "-n", str(n),
-            "--local-devices", str(local), "--timeout", str(timeout_s), "--script", HERE, "--",
-            *argv]
+    return [
+        "timeout",
+        "-k",
+        "5",
+        str(limit),
+        sys.executable,
+        "-m",
+        "jmp.runtime.launch",
+        "-n",
+        str(n),
+        "--local-devices",
+        str(local),
+        "--timeout",
+        str(timeout_s),
+        "--script",
+        HERE,
+        "--",
+        *argv,
+    ]
 
 
 def _run(cmd: list[str], limit: float, **env: str) -> tuple[int, str, float]:
     start = time.monotonic()
-    proc = subprocess.run(cmd, env=_env(**env), cwd=ROOT, capture_output=True, text=True,
-                          timeout=limit + 10)
+    proc = subprocess.run(
+        cmd, env=_env(**env), cwd=ROOT, capture_output=True, text=True, timeout=limit + 10
+    )
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
 
 
@@ -143,13 +172,15 @@ def reference(tmp_path_factory):
     """One process with 8 devices: losses, final parameters, and its run folder."""
     import jax
 
-    from jmp.loop import run_training
+    from jmp.train.loop import run_training
 
     out = str(tmp_path_factory.mktemp("one_process"))
     mesh = jmp.make_mesh(MESH)
     result = run_training(CFG, TRAIN, mesh, jmp.rules.preset("dp_tp", mesh), DATA, out_dir=out)
-    params = {jax.tree_util.keystr(p): np.asarray(v)
-              for p, v in jax.tree_util.tree_leaves_with_path(result.state.params)}
+    params = {
+        jax.tree_util.keystr(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(result.state.params)
+    }
     return {"losses": [r["loss"] for r in result.history], "params": params, "out": out}
 
 
@@ -157,11 +188,15 @@ def reference(tmp_path_factory):
 def two_processes(reference, tmp_path_factory):
     """2 processes x 4 devices: train 5 steps, save; restore the 1-process checkpoint."""
     out = str(tmp_path_factory.mktemp("two_processes"))
-    code, output, seconds = _run(_launch_cmd(170, 2, 4, 60, "train", out, reference["out"]),
-                                 170)
+    code, output, seconds = _run(_launch_cmd(170, 2, 4, 60, "train", out, reference["out"]), 170)
     assert code == 0, output[-4000:]
-    return {"out": out, "output": output, "seconds": seconds,
-            "result": _tagged(output, "RESULT"), "restored": _tagged(output, "RESTORED")}
+    return {
+        "out": out,
+        "output": output,
+        "seconds": seconds,
+        "result": _tagged(output, "RESULT"),
+        "restored": _tagged(output, "RESTORED"),
+    }
 
 
 def test_two_processes_train_like_one(reference, two_processes):
@@ -169,11 +204,16 @@ def test_two_processes_train_like_one(reference, two_processes):
     assert sorted(results) == [0, 1]
     for pid, r in results.items():
         assert (r["devices"], r["local"]) == (8, 4)
-        np.testing.assert_allclose(r["losses"], reference["losses"], rtol=2e-6,
-                                   err_msg=f"process {pid}")
-    print("\nlosses, 1 process x 8 devices:", reference["losses"],
-          "\nlosses, 2 processes x 4 devices:", results[0]["losses"],
-          f"\n(2-process run: {two_processes['seconds']:.1f} s)")
+        np.testing.assert_allclose(
+            r["losses"], reference["losses"], rtol=2e-6, err_msg=f"process {pid}"
+        )
+    print(
+        "\nlosses, 1 process x 8 devices:",
+        reference["losses"],
+        "\nlosses, 2 processes x 4 devices:",
+        results[0]["losses"],
+        f"\n(2-process run: {two_processes['seconds']:.1f} s)",
+    )
 
 
 def test_only_process_0_writes_metrics(two_processes):
@@ -185,9 +225,9 @@ def test_only_process_0_writes_metrics(two_processes):
 def test_checkpoint_of_two_processes_restores_in_one(reference, two_processes):
     import jax
 
-    from jmp.checkpoint import Checkpointer, abstract_like
     from jmp.models import GPT
     from jmp.train import make_optimizer, make_step
+    from jmp.train.checkpoint import Checkpointer, abstract_like
 
     mesh = jmp.make_mesh("data=4,model=2")  # another mesh, too
     rules = jmp.rules.preset("dp_tp", mesh)
@@ -201,8 +241,7 @@ def test_checkpoint_of_two_processes_restores_in_one(reference, two_processes):
     got = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(state.params)}
     assert got.keys() == reference["params"].keys()
     for path, want in reference["params"].items():
-        np.testing.assert_allclose(np.asarray(got[path]), want, rtol=1e-4, atol=1e-5,
-                                   err_msg=path)
+        np.testing.assert_allclose(np.asarray(got[path]), want, rtol=1e-4, atol=1e-5, err_msg=path)
 
 
 def test_checkpoint_of_one_process_restores_in_two(reference, two_processes):
@@ -211,16 +250,18 @@ def test_checkpoint_of_one_process_restores_in_two(reference, two_processes):
     assert restored[0].keys() == reference["params"].keys()
     for path, (total, squares) in restored[0].items():
         want = reference["params"][path].astype(np.float64)
-        np.testing.assert_allclose([total, squares], [want.sum(), (want * want).sum()],
-                                   rtol=1e-5, atol=1e-5, err_msg=path)
+        np.testing.assert_allclose(
+            [total, squares], [want.sum(), (want * want).sum()], rtol=1e-5, atol=1e-5, err_msg=path
+        )
 
 
 @pytest.mark.parametrize("victim,how", [(1, "kill"), (0, "kill"), (1, "raise")])
 def test_a_lost_process_stops_the_job_with_its_name(victim, how):
     timeout_s = 20
     cmd = _launch_cmd(90, 2, 4, timeout_s, "tick", "3" if how == "raise" else "-1")
-    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines, pid, killed_at = [], None, None
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -241,17 +282,28 @@ def test_a_lost_process_stops_the_job_with_its_name(victim, how):
     assert code != 0
     assert f"jmp launch: process {victim} (p{victim}) failed: it {cause}" in output, output
     reason = "disconnected without finishing" if how == "kill" else "failed: RuntimeError: boom"
-    assert re.search(rf"\[p{survivor}\] jmp: error: process {victim} \(\S+\) {reason}", output), \
+    assert re.search(rf"\[p{survivor}\] jmp: error: process {victim} \(\S+\) {reason}", output), (
         output[-3000:]
+    )
 
 
 def test_processes_times_devices_must_fit_the_mesh():
     with pytest.raises(dist.DistributedError, match=r"needs 8 devices but 6.*--local-devices 4"):
-        dist.initialize(coordinator_address="127.0.0.1:1", num_processes=2, process_id=0,
-                        local_device_count=3, expected_devices=MESH)
+        dist.initialize(
+            coordinator_address="127.0.0.1:1",
+            num_processes=2,
+            process_id=0,
+            local_device_count=3,
+            expected_devices=MESH,
+        )
     with pytest.raises(dist.DistributedError, match="8 devices were asked for, but 3 processes"):
-        dist.initialize(coordinator_address="127.0.0.1:1", num_processes=3, process_id=0,
-                        local_device_count=4, expected_devices=8)
+        dist.initialize(
+            coordinator_address="127.0.0.1:1",
+            num_processes=3,
+            process_id=0,
+            local_device_count=4,
+            expected_devices=8,
+        )
     # launched: every process says so, before any network, and the launcher names one
     code, output, seconds = _run(_launch_cmd(60, 2, 3, 30, "init"), 60)
     assert code == 2, output
@@ -259,13 +311,18 @@ def test_processes_times_devices_must_fit_the_mesh():
     assert "jmp launch: process" in output and "exited with code 2" in output
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(coordinator_address="nohost", num_processes=2, process_id=0), "not 'host:port'"),
-    (dict(coordinator_address="h:1", num_processes=2, process_id=2), r"process_id=2 must be"),
-    (dict(num_processes=2, process_id=1), "coordinator_address not given"),
-    (dict(coordinator_address="h:1", num_processes=2, process_id=0, local_device_count=0),
-     "local_device_count=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(coordinator_address="nohost", num_processes=2, process_id=0), "not 'host:port'"),
+        (dict(coordinator_address="h:1", num_processes=2, process_id=2), r"process_id=2 must be"),
+        (dict(num_processes=2, process_id=1), "coordinator_address not given"),
+        (
+            dict(coordinator_address="h:1", num_processes=2, process_id=0, local_device_count=0),
+            "local_device_count=0",
+        ),
+    ],
+)
 def test_invalid_settings_are_named(kwargs, match):
     with pytest.raises(dist.DistributedError, match=match):
         dist.initialize(**kwargs)
@@ -280,11 +337,22 @@ def test_started_backend_is_refused():
 
 
 def _alone(process_id: int, timeout_s: float) -> subprocess.Popen:
-    env = process_env(process_id, num_processes=2, local_devices=4,
-                      coordinator=f"127.0.0.1:{free_port()}", timeout_s=timeout_s, base=_env())
-    return subprocess.Popen(["timeout", "-k", "5", "60", sys.executable, HERE, "init"], env=env,
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    env = process_env(
+        process_id,
+        num_processes=2,
+        local_devices=4,
+        coordinator=f"127.0.0.1:{free_port()}",
+        timeout_s=timeout_s,
+        base=_env(),
+    )
+    return subprocess.Popen(
+        ["timeout", "-k", "5", "60", sys.executable, HERE, "init"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_missing_process_and_unreachable_coordinator_are_named_in_bounded_time():
@@ -301,10 +369,13 @@ def test_missing_process_and_unreachable_coordinator_are_named_in_bounded_time()
 
 
 def test_launch_needs_a_command():
-    from jmp.launch import cmd_launch
+    from jmp.runtime.launch import cmd_launch
 
-    args = type("Args", (), {"argv": ["--"], "script": None, "num_processes": 2,
-                             "local_devices": 4, "timeout": 10.0})()
+    args = type(
+        "Args",
+        (),
+        {"argv": ["--"], "script": None, "num_processes": 2, "local_devices": 4, "timeout": 10.0},
+    )()
     with pytest.raises(jmp.ConfigError, match="No command given"):
         cmd_launch(args)
 

@@ -17,7 +17,6 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 import jmp
-from jmp.data import TextData
 from jmp.inspect import collectives, memory
 from jmp.losses import cross_entropy
 from jmp.models import GPT, GPTConfig
@@ -32,17 +31,24 @@ from jmp.pipeline import (
     unstack_params,
 )
 from jmp.train import TrainConfig, make_optimizer, make_step
+from jmp.train.data import TextData
 
 CFG = GPTConfig.named("tiny", n_layers=4, d_model=32, n_heads=4, seq_len=16)
 BATCH = 16  # every run sees the same batch; M microbatches of BATCH / M rows
-TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, (BATCH, CFG.seq_len + 1),
-                                           dtype=np.int32)
+TOKENS = np.random.default_rng(0).integers(
+    0, CFG.vocab_size, (BATCH, CFG.seq_len + 1), dtype=np.int32
+)
 INPUTS, TARGETS = TOKENS[:, :-1], TOKENS[:, 1:]
 
 # (mesh, strategy, num_microbatches): S in {2, 4}, M in {S, 2S}, then data and tensor axes.
-CASES = [("stage=2,data=1", "dp", 2), ("stage=2,data=1", "dp", 4),
-         ("stage=4,data=1", "dp", 4), ("stage=4,data=1", "dp", 8),
-         ("stage=2,data=2,model=2", "dp_tp", 4), ("stage=4,data=2", "dp", 4)]
+CASES = [
+    ("stage=2,data=1", "dp", 2),
+    ("stage=2,data=1", "dp", 4),
+    ("stage=4,data=1", "dp", 4),
+    ("stage=4,data=1", "dp", 8),
+    ("stage=2,data=2,model=2", "dp_tp", 4),
+    ("stage=4,data=2", "dp", 4),
+]
 
 
 def rules_for(strategy, mesh):
@@ -67,8 +73,9 @@ def make(cls, **kwargs):
 def reference():
     """(graphdef, params, loss, grads) of the plain GPT on one device."""
     graphdef, params = make(GPT)
-    loss, grads = jax.jit(jax.value_and_grad(
-        lambda p: cross_entropy(nnx.merge(graphdef, p)(INPUTS), TARGETS)))(params)
+    loss, grads = jax.jit(
+        jax.value_and_grad(lambda p: cross_entropy(nnx.merge(graphdef, p)(INPUTS), TARGETS))
+    )(params)
     return graphdef, params, float(loss), grads
 
 
@@ -78,8 +85,9 @@ def pipelined(spec, strategy, schedule, M):
     mesh = mesh_of(spec)
     rules = rules_for(strategy, mesh)
     S = mesh.shape["stage"]
-    graphdef = nnx.graphdef(nnx.eval_shape(
-        lambda: PipelinedGPT(CFG, num_stages=S, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(
+        nnx.eval_shape(lambda: PipelinedGPT(CFG, num_stages=S, rngs=nnx.Rngs(0)))
+    )
     params = stack_params(reference()[1], S)  # the reference's own parameters, stacked
     params = jax.device_put(params, jmp.named_shardings(params, rules, mesh))
     rows = NamedSharding(mesh, rules.activation_spec(("batch", None), mesh=mesh))
@@ -87,8 +95,9 @@ def pipelined(spec, strategy, schedule, M):
 
     def run(params, batch):
         with jmp.activate(mesh, rules):
-            return pipeline_loss_and_grads(nnx.merge(graphdef, params), batch, mesh=mesh,
-                                           num_microbatches=M, schedule=schedule)
+            return pipeline_loss_and_grads(
+                nnx.merge(graphdef, params), batch, mesh=mesh, num_microbatches=M, schedule=schedule
+            )
 
     with jmp.activate(mesh, rules):
         compiled = jax.jit(run).lower(params, batch).compile()
@@ -110,8 +119,13 @@ def test_same_seed_same_model_and_round_trip():
     piped = nnx.merge(graphdef, state)
     assert piped.blocks.attn.qkv.shape[:2] == (2, 2)
     assert piped.blocks.attn.qkv.get_metadata()["out_sharding"][:2] == ("stage", "layers")
-    same = lambda a, b: all(np.array_equal(x, y) for x, y in  # noqa: E731
-                            zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+    def same(a, b):
+        return all(
+            np.array_equal(x, y)
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)  # noqa: E731
+        )
+
     assert same(state, stack_params(gpt_state, 2))
     assert same(unstack_params(state), gpt_state)
     gpt = nnx.merge(gpt_def, gpt_state)
@@ -144,10 +158,8 @@ def test_stage_split_report():
 def test_schedule_is_valid_and_has_the_theoretical_bubble(name, S, M):
     plan = make_schedule(name, S, M)
     fwd, bwd = plan.forward, plan.backward
-    tick_f = {(m, s): t for t, s in zip(*np.nonzero(fwd >= 0), strict=True)
-              for m in [fwd[t, s]]}
-    tick_b = {(m, s): t for t, s in zip(*np.nonzero(bwd >= 0), strict=True)
-              for m in [bwd[t, s]]}
+    tick_f = {(m, s): t for t, s in zip(*np.nonzero(fwd >= 0), strict=True) for m in [fwd[t, s]]}
+    tick_b = {(m, s): t for t, s in zip(*np.nonzero(bwd >= 0), strict=True) for m in [bwd[t, s]]}
     assert sorted(tick_f) == sorted(tick_b) == [(m, s) for m in range(M) for s in range(S)]
     assert (fwd >= 0).sum() == (bwd >= 0).sum() == S * M  # each exactly once
     for m in range(M):
@@ -189,8 +201,9 @@ def _permute_pairs(compiled):
         if re.search(r"collective-permute(-start)?\(", line):
             found = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", line)
             assert found, line
-            pairs.append([(int(a), int(b)) for a, b in re.findall(r"\{(\d+),(\d+)\}",
-                                                                  found.group(1))])
+            pairs.append(
+                [(int(a), int(b)) for a, b in re.findall(r"\{(\d+),(\d+)\}", found.group(1))]
+            )
     return pairs
 
 
@@ -217,8 +230,11 @@ def test_1f1b_temporary_memory_is_at_most_gpipes_and_the_ratio_drops_with_m():
     (falling towards one batch), 1F1B at most 2S - 1 stage inputs of ever smaller microbatches
     (falling like 1 / M). Measured: ratios 0.51, 0.37, 0.26 for M = 2, 4, 8."""
     spec, ms = "stage=2,data=1", (2, 4, 8)
-    temps = {(s, m): memory(pipelined(spec, "dp", s, m)[1]).temporaries
-             for s in ("gpipe", "1f1b") for m in ms}
+    temps = {
+        (s, m): memory(pipelined(spec, "dp", s, m)[1]).temporaries
+        for s in ("gpipe", "1f1b")
+        for m in ms
+    }
     ratios = [temps["1f1b", m] / temps["gpipe", m] for m in ms]
     assert all(r <= 1.0 for r in ratios), temps
     assert all(a > b for a, b in zip(ratios, ratios[1:], strict=False)), (ratios, temps)
@@ -264,21 +280,28 @@ def test_pipelined_training_converges_like_data_parallel(make_mesh):
         rules = rules_for("dp", mesh) if "stage" in spec else jmp.rules.preset("dp", mesh)
         model = jmp.shard_init(make, mesh, rules, seed=0)
         loss_fn = kwargs.get("loss_fn")
-        step = make_step(model, make_optimizer(train), mesh, rules,
-                         **({"loss_fn": loss_fn(mesh)} if loss_fn else {}))
+        step = make_step(
+            model,
+            make_optimizer(train),
+            mesh,
+            rules,
+            **({"loss_fn": loss_fn(mesh)} if loss_fn else {}),
+        )
         state, losses = step.init_state(), []
         for k in range(train.steps):
-            batch = data.batch(k, batch_size=train.batch_size, seq_len=cfg.seq_len, mesh=mesh,
-                               rules=rules)
+            batch = data.batch(
+                k, batch_size=train.batch_size, seq_len=cfg.seq_len, mesh=mesh, rules=rules
+            )
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
         return np.array(losses), state
 
     ref, _ = run("data=8", lambda rngs: GPT(cfg, rngs=rngs))
-    piped, state = run("stage=4,data=2",
-                       lambda rngs: PipelinedGPT(cfg, num_stages=4, rngs=rngs),
-                       loss_fn=lambda mesh: make_loss_fn(mesh=mesh, num_microbatches=4,
-                                                         schedule="1f1b"))
+    piped, state = run(
+        "stage=4,data=2",
+        lambda rngs: PipelinedGPT(cfg, num_stages=4, rngs=rngs),
+        loss_fn=lambda mesh: make_loss_fn(mesh=mesh, num_microbatches=4, schedule="1f1b"),
+    )
     np.testing.assert_allclose(piped, ref, rtol=1e-4)
     assert piped[-3:].mean() < piped[0] - 0.8  # it learns: ~5.6 -> ~4.4 nats/byte
     qkv = state.params["blocks"]["attn"]["qkv"][...]
@@ -286,8 +309,9 @@ def test_pipelined_training_converges_like_data_parallel(make_mesh):
     assert optax.tree.norm(state.params) > 0
     # every copy of a replicated parameter (the head, over stage and data) is identical
     for shard in state.params["head"]["kernel"][...].addressable_shards:
-        np.testing.assert_array_equal(np.asarray(shard.data),
-                                      np.asarray(state.params["head"]["kernel"][...]))
+        np.testing.assert_array_equal(
+            np.asarray(shard.data), np.asarray(state.params["head"]["kernel"][...])
+        )
 
 
 def test_batch_that_does_not_split_is_rejected(make_mesh):

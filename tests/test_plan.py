@@ -19,13 +19,18 @@ from flax import nnx
 
 import jmp
 from jmp import plan
-from jmp.data import TextData
 from jmp.models.gpt import GPT, GPTConfig
 from jmp.sharding import _path_str, logical_names
 from jmp.train import TrainConfig, make_optimizer, make_step
+from jmp.train.data import TextData
 
-MESHES = {"dp": "data=8", "fsdp": "data=8", "tp": "model=8", "dp_tp": "data=2,model=4",
-          "fsdp_tp": "data=2,model=4"}
+MESHES = {
+    "dp": "data=8",
+    "fsdp": "data=8",
+    "tp": "model=8",
+    "dp_tp": "data=2,model=4",
+    "fsdp_tp": "data=2,model=4",
+}
 MODELS = {
     "tiny": GPTConfig.named("tiny"),  # d=64, 2 layers, 8 heads, vocab 256, seq 64
     "wide": GPTConfig(vocab_size=512, seq_len=32, d_model=128, n_layers=3, n_heads=8, d_ff=384),
@@ -34,12 +39,17 @@ MODELS = {
 BATCH = 16
 
 CASES = [pytest.param(m, s, {}, id=f"{m}-{s}") for m in MODELS for s in MESHES]
-CASES += [pytest.param("tiny", s, {"remat": True}, id=f"tiny-{s}-remat")
-          for s in ("fsdp", "dp_tp", "fsdp_tp")]
+CASES += [
+    pytest.param("tiny", s, {"remat": True}, id=f"tiny-{s}-remat")
+    for s in ("fsdp", "dp_tp", "fsdp_tp")
+]
 CASES += [pytest.param("tiny", s, {"microbatches": 2}, id=f"tiny-{s}-mb2") for s in MESHES]
-CASES += [pytest.param("tiny", "fsdp_tp", {"dtype": "bfloat16", "param_dtype": "bfloat16"},
-                       id="tiny-fsdp_tp-bf16"),
-          pytest.param("tiny", "fsdp", {"seq_len": 32}, id="tiny-fsdp-seq32")]
+CASES += [
+    pytest.param(
+        "tiny", "fsdp_tp", {"dtype": "bfloat16", "param_dtype": "bfloat16"}, id="tiny-fsdp_tp-bf16"
+    ),
+    pytest.param("tiny", "fsdp", {"seq_len": 32}, id="tiny-fsdp-seq32"),
+]
 
 
 def measured_per_axis(found) -> dict[str, int]:
@@ -52,21 +62,26 @@ def measured_per_axis(found) -> dict[str, int]:
 def assert_bytes_per_axis_match(est, found, label):
     """Predicted bytes per mesh axis within 5% of the compiled step's; else show both lists."""
     measured = measured_per_axis(found)
-    bad = {a: (est.comm_bytes.get(a, 0), measured.get(a, 0))
-           for a in set(est.comm_bytes) | set(measured)
-           if abs(est.comm_bytes.get(a, 0) - measured.get(a, 0)) > 0.05 * measured.get(a, 0)}
+    bad = {
+        a: (est.comm_bytes.get(a, 0), measured.get(a, 0))
+        for a in set(est.comm_bytes) | set(measured)
+        if abs(est.comm_bytes.get(a, 0) - measured.get(a, 0)) > 0.05 * measured.get(a, 0)
+    }
     assert not bad, (
         f"{label}: bytes per axis (predicted, measured) differ by more than 5%: {bad}\n"
         f"measured collectives (kind, axes, bytes, count):\n{describe_measured(found)}\n"
-        f"predicted:\n{est.comm_report()}")
+        f"predicted:\n{est.comm_report()}"
+    )
 
 
 def describe_measured(found) -> str:
     grouped: Counter = Counter()
     for c in found:
         grouped[(c.kind, c.axes, c.bytes)] += c.count
-    return "\n".join(f"  {k:14s} {a!s:20s} {b:>12,d} B x{n}"
-                     for (k, a, b), n in sorted(grouped.items(), key=lambda kv: -kv[0][2]))
+    return "\n".join(
+        f"  {k:14s} {a!s:20s} {b:>12,d} B x{n}"
+        for (k, a, b), n in sorted(grouped.items(), key=lambda kv: -kv[0][2])
+    )
 
 
 # --- the key check -----------------------------------------------------------------------------
@@ -76,12 +91,14 @@ def _compile(cfg: GPTConfig, strategy: str, make_mesh, microbatches: int, seq_le
     mesh = make_mesh(MESHES[strategy])
     rules = jmp.rules.preset(strategy, mesh)
     model = jmp.shard_init(lambda r: GPT(cfg, rngs=r), mesh, rules)
-    step = make_step(model, make_optimizer(TrainConfig(batch_size=BATCH)), mesh, rules,
-                     microbatches=microbatches)
+    step = make_step(
+        model, make_optimizer(TrainConfig(batch_size=BATCH)), mesh, rules, microbatches=microbatches
+    )
     state = step.init_state()
     tokens = np.random.default_rng(0).integers(0, 256, 20_000).astype(np.uint8)
-    batch = TextData.from_tokens(tokens).batch(0, batch_size=BATCH, seq_len=seq_len,
-                                               mesh=mesh, rules=rules)
+    batch = TextData.from_tokens(tokens).batch(
+        0, batch_size=BATCH, seq_len=seq_len, mesh=mesh, rules=rules
+    )
     compiled = step.lower(state, batch).compile()
     batch_bytes = sum(x.addressable_shards[0].data.nbytes for x in batch)
     return mesh, compiled, batch_bytes
@@ -94,18 +111,25 @@ def test_prediction_matches_compiled_step(model, strategy, options, make_mesh):
     seq_len = options.pop("seq_len", MODELS[model].seq_len)  # shorter: uses part of `position`
     cfg = GPTConfig(**{**MODELS[model].to_dict(), **options})
     mesh, compiled, batch_bytes = _compile(cfg, strategy, make_mesh, microbatches, seq_len)
-    est = plan.estimate(cfg, dict(mesh.shape), strategy, batch_size=BATCH, seq_len=seq_len,
-                        microbatches=microbatches, device="cpu")
+    est = plan.estimate(
+        cfg,
+        dict(mesh.shape),
+        strategy,
+        batch_size=BATCH,
+        seq_len=seq_len,
+        microbatches=microbatches,
+        device="cpu",
+    )
 
     found = jmp.inspect.collectives(compiled, mesh)
-    assert_bytes_per_axis_match(est, found, f"{model} {strategy} {options or ''} "
-                                            f"mb={microbatches}")
+    assert_bytes_per_axis_match(est, found, f"{model} {strategy} {options or ''} mb={microbatches}")
 
     memory = jmp.inspect.memory(compiled)
     state = memory.arguments - batch_bytes
     assert abs(est.state_bytes - state) <= 0.10 * state, (
         f"params+optimizer: predicted {est.state_bytes:,d} B (params {est.params_bytes:,d}, "
-        f"optimizer {est.optimizer_bytes:,d}), compiled arguments minus batch {state:,d} B")
+        f"optimizer {est.optimizer_bytes:,d}), compiled arguments minus batch {state:,d} B"
+    )
     # Activations are an estimate, not a match: XLA's temporaries also hold optimizer-update
     # intermediates and its own copies. Check only that the order of magnitude is right (not
     # with remat: at these sizes XLA:CPU's temporaries do not shrink with it, the model's do).
@@ -124,9 +148,12 @@ def test_param_arrays_are_the_models(model):
         abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
     real = {}
     jax.tree_util.tree_map_with_path(
-        lambda p, v: real.setdefault(_path_str(p), (tuple(v.get_raw_value().shape),
-                                                    logical_names(v))),
-        nnx.state(abstract, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+        lambda p, v: real.setdefault(
+            _path_str(p), (tuple(v.get_raw_value().shape), logical_names(v))
+        ),
+        nnx.state(abstract, nnx.Param),
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
     predicted = {a.path: (a.shape, a.names) for a in plan.param_arrays(cfg)}
     assert predicted == real
     assert sum(math.prod(s) for s, _ in predicted.values()) == cfg.num_params()
@@ -136,12 +163,19 @@ def test_param_arrays_are_the_models(model):
 
 
 def test_estimate_times_and_fields():
-    est = plan.estimate(GPTConfig.named("tiny"), {"data": 2, "model": 4}, "dp_tp",
-                        batch_size=8, device="h100")
+    est = plan.estimate(
+        GPTConfig.named("tiny"), {"data": 2, "model": 4}, "dp_tp", batch_size=8, device="h100"
+    )
     assert est.step_time == pytest.approx(est.compute_time + est.comm_time)
     assert 0 < est.mfu <= 1 and est.fits
-    assert est.total_bytes == (est.params_bytes + est.grads_bytes + est.optimizer_bytes + 4
-                               + est.activations_bytes + est.gathered_bytes)
+    assert est.total_bytes == (
+        est.params_bytes
+        + est.grads_bytes
+        + est.optimizer_bytes
+        + 4
+        + est.activations_bytes
+        + est.gathered_bytes
+    )
     assert {c.axis for c in est.comm} == {"data", "model"}
     assert any("layer 1 MLP down row-parallel forward" in c.what for c in est.comm)
     for words in ("/device of", "communicated per step", "compute +", "MFU"):
@@ -153,8 +187,13 @@ def test_gpu_reduce_scatters_fsdp_gradients():
     cpu = plan.estimate(cfg, {"data": 8}, "fsdp", batch_size=8, device="cpu")
     gpu = plan.estimate(cfg, {"data": 8}, "fsdp", batch_size=8, device="h100")
     cpu_grads = sum(c.total_bytes for c in cpu.comm if "gradient all-reduce" in c.what)
-    gpu_grads = sum(c.total_bytes for c in gpu.comm if "gradient" in c.what
-                    and c.kind in ("reduce-scatter", "all-reduce") and "norm" not in c.what)
+    gpu_grads = sum(
+        c.total_bytes
+        for c in gpu.comm
+        if "gradient" in c.what
+        and c.kind in ("reduce-scatter", "all-reduce")
+        and "norm" not in c.what
+    )
     assert {c.kind for c in gpu.comm} >= {"reduce-scatter", "all-gather", "all-to-all"}
     assert "reduce-scatter" not in {c.kind for c in cpu.comm}
     assert gpu_grads < cpu_grads / 4
@@ -182,8 +221,9 @@ def test_search_keeps_exactly_what_jmp_accepts():
     cfg = GPTConfig(vocab_size=256, seq_len=32, d_model=64, n_layers=1, n_heads=4)
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
-    kept = {(e.strategy, e.mesh) for e in plan.search(cfg, 8, "cpu", batch_size=8,
-                                                      include_unfit=True)}
+    kept = {
+        (e.strategy, e.mesh) for e in plan.search(cfg, 8, "cpu", batch_size=8, include_unfit=True)
+    }
     # n_layers=1: no pipeline (a stage axis > 1 has no block to hold)
     assert not {s for s, _ in kept if s.startswith("pp")}
     for strategy in [s for s in plan.STRATEGIES if not s.startswith("pp")]:
@@ -233,29 +273,48 @@ def test_bad_input_errors():
 # --- pipelines ---------------------------------------------------------------------------------
 
 PP_CFG = GPTConfig.named("tiny", n_layers=4)
-PP_MESHES = [("pp_dp", "stage=2,data=4"), ("pp_dp", "stage=4,data=2"),
-             ("pp_dp_tp", "stage=2,data=2,model=2")]
-PP_CASES = [pytest.param(st, spec, k, schedule, id=f"{spec}-M{k}S-{schedule}")
-            for st, spec in PP_MESHES for k in (1, 2) for schedule in ("1f1b", "gpipe")]
+PP_MESHES = [
+    ("pp_dp", "stage=2,data=4"),
+    ("pp_dp", "stage=4,data=2"),
+    ("pp_dp_tp", "stage=2,data=2,model=2"),
+]
+PP_CASES = [
+    pytest.param(st, spec, k, schedule, id=f"{spec}-M{k}S-{schedule}")
+    for st, spec in PP_MESHES
+    for k in (1, 2)
+    for schedule in ("1f1b", "gpipe")
+]
 
 
 @pytest.mark.parametrize(("strategy", "spec", "k", "schedule"), PP_CASES)
 def test_pipeline_prediction_matches_compiled_step(strategy, spec, k, schedule, make_mesh):
-    """The step jmp.loop._build makes for a 'stage' mesh, compiled from abstract shapes."""
+    """The step jmp.train.loop._build makes for a 'stage' mesh, compiled from abstract shapes."""
     from jmp.pipeline import PipelinedGPT, make_loss_fn
 
     mesh = make_mesh(spec)
     S = mesh.shape["stage"]
     M = k * S
     rules = jmp.rules.preset(strategy, mesh)
-    with nnx.use_eager_sharding(False):  # shapes only: jmp.loop._build shard_inits the same
+    with nnx.use_eager_sharding(False):  # shapes only: jmp.train.loop._build shard_inits the same
         model = nnx.eval_shape(lambda: PipelinedGPT(PP_CFG, num_stages=S, rngs=nnx.Rngs(0)))
-    step = make_step(model, make_optimizer(TrainConfig(batch_size=BATCH)), mesh, rules,
-                     loss_fn=make_loss_fn(mesh=mesh, num_microbatches=M, schedule=schedule))
+    step = make_step(
+        model,
+        make_optimizer(TrainConfig(batch_size=BATCH)),
+        mesh,
+        rules,
+        loss_fn=make_loss_fn(mesh=mesh, num_microbatches=M, schedule=schedule),
+    )
     batch = step.abstract_batch(BATCH, PP_CFG.seq_len)
     compiled = step.lower(step.abstract_state(), batch).compile()
-    est = plan.estimate(PP_CFG, dict(mesh.shape), strategy, batch_size=BATCH, microbatches=M,
-                        schedule=schedule, device="cpu")
+    est = plan.estimate(
+        PP_CFG,
+        dict(mesh.shape),
+        strategy,
+        batch_size=BATCH,
+        microbatches=M,
+        schedule=schedule,
+        device="cpu",
+    )
 
     found = jmp.inspect.collectives(compiled, mesh)
     assert_bytes_per_axis_match(est, found, f"{strategy} {spec} M={M} {schedule}")
@@ -263,12 +322,14 @@ def test_pipeline_prediction_matches_compiled_step(strategy, spec, k, schedule, 
     assert permutes == sum(c.count for c in est.comm if c.kind == "collective-permute")
 
     arrays = jmp.inspect.memory(compiled).arguments
-    batch_bytes = sum(x.sharding.shard_shape(x.shape)[0] * x.shape[1] * x.dtype.itemsize
-                      for x in batch)
+    batch_bytes = sum(
+        x.sharding.shard_shape(x.shape)[0] * x.shape[1] * x.dtype.itemsize for x in batch
+    )
     state = arrays - batch_bytes
     assert abs(est.state_bytes - state) <= 0.10 * state, (
         f"params+optimizer: predicted {est.state_bytes:,d} B (params {est.params_bytes:,d}, "
-        f"optimizer {est.optimizer_bytes:,d}), compiled arguments minus batch {state:,d} B")
+        f"optimizer {est.optimizer_bytes:,d}), compiled arguments minus batch {state:,d} B"
+    )
     assert f"bubble {(S - 1) / (M + S - 1):.0%}" in est.reason
 
 
@@ -295,5 +356,4 @@ def test_pipeline_memory_time_and_search():
     assert {e.strategy for e in pp} == {"pp", "pp_dp", "pp_tp", "pp_dp_tp"}
     assert all(cfg.n_layers % e.mesh_shape["stage"] == 0 for e in pp)
     assert all("bubble" in e.reason for e in pp)
-    assert [e.step_time for e in ranked if e.fits] == sorted(e.step_time for e in ranked
-                                                              if e.fits)
+    assert [e.step_time for e in ranked if e.fits] == sorted(e.step_time for e in ranked if e.fits)

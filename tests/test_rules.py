@@ -79,8 +79,9 @@ def test_tuple_of_mesh_axes_divisibility_uses_product(make_mesh):
 
 def test_resolve_returns_spec_and_problems(make_mesh):
     mesh = make_mesh("data=2,model=4")
-    spec, problems = resolve(("embed", "mlp"), {"embed": None, "mlp": "model"},
-                             shape=(4, 8), mesh=mesh)
+    spec, problems = resolve(
+        ("embed", "mlp"), {"embed": None, "mlp": "model"}, shape=(4, 8), mesh=mesh
+    )
     assert spec == P(None, "model")
     assert problems == []
     spec, problems = resolve(("embed", "mlp"), {"mlp": "model"}, shape=(4, 8), mesh=mesh)
@@ -126,8 +127,9 @@ def test_rules_rejects_bad_rule_value():
 
 
 def test_replace_overrides_some_entries():
-    rules = jmp.Rules({"embed": None, "mlp": "model"},
-                      {"batch": "data", "embed": None, "mlp": "model"})
+    rules = jmp.Rules(
+        {"embed": None, "mlp": "model"}, {"batch": "data", "embed": None, "mlp": "model"}
+    )
     new = rules.replace(params={"embed": "data"}, activations={"mlp": None})
     assert new.params_dict == {"embed": "data", "mlp": "model"}
     assert new.activations_dict == {"batch": "data", "embed": None, "mlp": None}
@@ -236,7 +238,7 @@ def test_different_kinds_of_problems_listed_together(make_mesh):
 
 
 def test_unknown_strategy(make_mesh):
-    with pytest.raises(jmp.ShardingError) as err:
+    with pytest.raises(jmp.ConfigError) as err:
         preset("zero3", make_mesh("data=8"))
     msg = str(err.value)
     assert "'zero3'" in msg
@@ -309,5 +311,6 @@ def test_preset_resolutions(strategy, expected_w, expected_h, make_mesh):
     mesh = make_mesh(spec)
     rules = preset(strategy, mesh)
     assert rules.param_spec(("embed", "mlp"), shape=(64, 256), mesh=mesh) == expected_w
-    assert rules.activation_spec(("batch", "seq", "mlp"), shape=(8, 16, 256),
-                                 mesh=mesh) == expected_h
+    assert (
+        rules.activation_spec(("batch", "seq", "mlp"), shape=(8, 16, 256), mesh=mesh) == expected_h
+    )

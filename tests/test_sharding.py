@@ -19,13 +19,16 @@ def make_mlp(rngs):
     return jmp.layers.ParallelMLP(D, H, rngs=rngs)
 
 
-@pytest.mark.parametrize("spec,strategy,kernel_shard", [
-    ("model=8", "tp", (D, H // 8)),
-    ("data=2,model=4", "dp_tp", (D, H // 4)),
-    ("data=2,model=4", "fsdp_tp", (D // 2, H // 4)),
-    ("data=8", "fsdp", (D // 8, H)),
-    ("data=8", "dp", (D, H)),
-])
+@pytest.mark.parametrize(
+    "spec,strategy,kernel_shard",
+    [
+        ("model=8", "tp", (D, H // 8)),
+        ("data=2,model=4", "dp_tp", (D, H // 4)),
+        ("data=2,model=4", "fsdp_tp", (D // 2, H // 4)),
+        ("data=8", "fsdp", (D // 8, H)),
+        ("data=8", "dp", (D, H)),
+    ],
+)
 def test_shard_init_gives_expected_shard_shapes(make_mesh, spec, strategy, kernel_shard):
     mesh = make_mesh(spec)
     model = jmp.shard_init(make_mlp, mesh, jmp.rules.preset(strategy, mesh), seed=0)
@@ -109,10 +112,14 @@ def test_param_table_reports_bytes_per_device(make_mesh):
 class LinenMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
-        dense = lambda n, names, name: nn.Dense(  # noqa: E731
-            n, name=name,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
+        def dense(n, names, name):
+            return nn.Dense(  # noqa: E731
+                n,
+                name=name,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]),
+            )
+
         h = nn.relu(dense(H, ("embed", "mlp"), "up")(x))
         return dense(D, ("mlp", "embed"), "down")(h)
 

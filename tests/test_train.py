@@ -9,10 +9,10 @@ import pytest
 from flax import nnx
 
 import jmp
-from jmp.data import TextData
 from jmp.inspect import collectives, summary
 from jmp.models import GPT, GPTConfig
 from jmp.train import TrainConfig, lr_schedule, make_optimizer, make_step
+from jmp.train.data import TextData
 
 CFG = GPTConfig.named("tiny", n_layers=2)
 TRAIN = TrainConfig(steps=5, batch_size=8, lr=1e-3, warmup_steps=1)
@@ -20,21 +20,33 @@ STEPS = 5
 DATA = TextData.from_tokens(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8))
 
 CASES = [  # (strategy, mesh)
-    ("dp", "data=8"), ("fsdp", "data=8"), ("tp", "model=8"),
-    ("dp_tp", "data=2,model=4"), ("dp_tp", "data=4,model=2"), ("dp_tp", "data=1,model=8"),
-    ("fsdp_tp", "data=2,model=4"), ("fsdp_tp", "data=4,model=2"),
+    ("dp", "data=8"),
+    ("fsdp", "data=8"),
+    ("tp", "model=8"),
+    ("dp_tp", "data=2,model=4"),
+    ("dp_tp", "data=4,model=2"),
+    ("dp_tp", "data=1,model=8"),
+    ("fsdp_tp", "data=2,model=4"),
+    ("fsdp_tp", "data=4,model=2"),
 ]
 
 
 def train(mesh, rules, cfg=CFG, train_cfg=TRAIN, steps=STEPS, microbatches=1):
     """Losses of ``steps`` steps, the final state, and the step function."""
     model = jmp.shard_init(lambda rngs: GPT(cfg, rngs=rngs), mesh, rules, seed=0)
-    step = make_step(model, make_optimizer(train_cfg), mesh, rules, microbatches=microbatches,
-                     schedule=lr_schedule(train_cfg))
+    step = make_step(
+        model,
+        make_optimizer(train_cfg),
+        mesh,
+        rules,
+        microbatches=microbatches,
+        schedule=lr_schedule(train_cfg),
+    )
     state, losses = step.init_state(), []
     for k in range(steps):
-        batch = DATA.batch(k, batch_size=train_cfg.batch_size, seq_len=cfg.seq_len, mesh=mesh,
-                           rules=rules)
+        batch = DATA.batch(
+            k, batch_size=train_cfg.batch_size, seq_len=cfg.seq_len, mesh=mesh, rules=rules
+        )
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     return np.array(losses), state, step
@@ -59,8 +71,9 @@ def test_strategy_matches_single_device(make_mesh, single_device_run, strategy, 
     flat = jax.tree_util.tree_leaves_with_path(state.params)
     ref = dict(jax.tree_util.tree_leaves_with_path(ref_params))
     for path, value in flat:
-        np.testing.assert_allclose(np.asarray(value), ref[path], rtol=1e-4, atol=1e-5,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(value), ref[path], rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path)
+        )
     assert step.jitted._cache_size() == 1, "the step recompiled after its first call"
     _check_replicas_identical(state.params)
     _check_bytes_per_device(state, mesh)
@@ -74,21 +87,29 @@ def _check_replicas_identical(params):
             key = tuple((s.start, s.stop) for s in shard.index)
             data = np.asarray(shard.data)
             if key in copies:
-                np.testing.assert_array_equal(data, copies[key],
-                                              err_msg=jax.tree_util.keystr(path))
+                np.testing.assert_array_equal(data, copies[key], err_msg=jax.tree_util.keystr(path))
             copies[key] = data
 
 
 def _check_bytes_per_device(state, mesh):
     """Per-device bytes of parameters and Adam moments equal total / shard factor."""
-    moments = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(
-        x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+    moments = [
+        s
+        for s in jax.tree.leaves(
+            state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)
+        )
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
     assert moments, "no Adam state found"
     for tree in (state.params, moments[0].mu, moments[0].nu):
         for leaf in jax.tree.leaves(tree):
             spec = leaf.sharding.spec
-            factor = math.prod(mesh.shape[a] for entry in spec if entry is not None
-                               for a in ((entry,) if isinstance(entry, str) else entry))
+            factor = math.prod(
+                mesh.shape[a]
+                for entry in spec
+                if entry is not None
+                for a in ((entry,) if isinstance(entry, str) else entry)
+            )
             local = leaf.addressable_shards[0].data.nbytes
             assert local * factor == leaf.nbytes, (spec, local, leaf.nbytes)
     # moments are sharded exactly like the parameters
@@ -108,8 +129,9 @@ def test_fsdp_shards_parameters_and_optimizer_over_data(make_mesh):
     assert local < total / 4, (local, total)
 
 
-@pytest.mark.parametrize("spec,strategy,micro", [("data=2,model=4", "dp_tp", 4),
-                                                  ("data=4,model=2", "fsdp_tp", 2)])
+@pytest.mark.parametrize(
+    "spec,strategy,micro", [("data=2,model=4", "dp_tp", 4), ("data=4,model=2", "fsdp_tp", 2)]
+)
 def test_gradient_accumulation_equals_one_big_batch(make_mesh, spec, strategy, micro):
     mesh = make_mesh(spec)
     rules = jmp.rules.preset(strategy, mesh)
@@ -117,8 +139,9 @@ def test_gradient_accumulation_equals_one_big_batch(make_mesh, spec, strategy, m
     whole, state_whole, _ = train(mesh, rules, steps=2)
     accumulated, state_acc, _ = train(mesh, rules, steps=2, microbatches=micro)
     np.testing.assert_allclose(accumulated, whole, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(state_acc.params), jax.tree.leaves(state_whole.params),
-                    strict=True):
+    for a, b in zip(
+        jax.tree.leaves(state_acc.params), jax.tree.leaves(state_whole.params), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
@@ -130,8 +153,11 @@ def _megatron_all_reduces(n_layers, mode, mesh, rules, batch_size=8):
     found = collectives(step.lower(step.init_state(), batch).compile(), mesh)
     local_rows = batch_size // mesh.shape.get("data", 1)
     activation_bytes = local_rows * cfg.seq_len * cfg.d_model * 4  # b·s·h per device, f32
-    big = [c for c in found if c.kind == "all-reduce" and c.axes == ("model",)
-           and c.bytes == activation_bytes]
+    big = [
+        c
+        for c in found
+        if c.kind == "all-reduce" and c.axes == ("model",) and c.bytes == activation_bytes
+    ]
     return sum(c.count for c in big), found
 
 
@@ -198,19 +224,27 @@ def test_indivisible_batch_is_a_clear_error(make_mesh):
         jmp.train.check_batch(6, 1, mesh, jmp.rules.preset("dp_tp", mesh))
 
 
-@pytest.mark.parametrize("kwargs,culprit", [
-    ({"steps": 0}, "steps=0"), ({"lr": -1.0}, "lr=-1.0"), ({"batch_size": 8, "microbatches": 3},
-                                                           "microbatches=3"),
-])
+@pytest.mark.parametrize(
+    "kwargs,culprit",
+    [
+        ({"steps": 0}, "steps=0"),
+        ({"lr": -1.0}, "lr=-1.0"),
+        ({"batch_size": 8, "microbatches": 3}, "microbatches=3"),
+    ],
+)
 def test_bad_train_config(kwargs, culprit):
     with pytest.raises(jmp.ConfigError, match=culprit):
         TrainConfig(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs,culprit", [
-    ({"d_model": 30, "n_heads": 4}, "n_heads=4 must divide d_model=30"),
-    ({"dtype": "float8"}, "dtype='float8'"), ({"n_layers": 0}, "n_layers=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,culprit",
+    [
+        ({"d_model": 30, "n_heads": 4}, "n_heads=4 must divide d_model=30"),
+        ({"dtype": "float8"}, "dtype='float8'"),
+        ({"n_layers": 0}, "n_layers=0"),
+    ],
+)
 def test_bad_model_config(kwargs, culprit):
     with pytest.raises(jmp.ConfigError, match=culprit):
         GPTConfig(**kwargs)
@@ -220,8 +254,7 @@ def test_remat_gives_the_same_losses(make_mesh):
     mesh = make_mesh("data=2,model=4")
     rules = jmp.rules.preset("dp_tp", mesh)
     plain, _, _ = train(mesh, rules, steps=2)
-    remat, _, _ = train(mesh, rules, cfg=GPTConfig.named("tiny", n_layers=2, remat=True),
-                        steps=2)
+    remat, _, _ = train(mesh, rules, cfg=GPTConfig.named("tiny", n_layers=2, remat=True), steps=2)
     np.testing.assert_allclose(remat, plain, rtol=1e-5)
 
 

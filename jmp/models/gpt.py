@@ -71,9 +71,11 @@ class GPTConfig:
     mode: Mode = "auto"
 
     def __post_init__(self) -> None:
-        problems = [f"{name}={getattr(self, name)!r} must be a positive int"
-                    for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads")
-                    if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
+        problems = [
+            f"{name}={getattr(self, name)!r} must be a positive int"
+            for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads")
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1
+        ]
         if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
             problems.append(f"d_ff={self.d_ff!r} must be a positive int or None")
         if not problems and self.d_model % self.n_heads:
@@ -118,11 +120,18 @@ class Block(nnx.Module):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         mode: Mode = cfg.mode
         self.norm1 = RMSNorm(cfg.d_model, param_dtype=pdtype)
-        self.attn = ParallelAttention(cfg.d_model, num_heads=cfg.n_heads, mode=mode,
-                                      dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.attn = ParallelAttention(
+            cfg.d_model,
+            num_heads=cfg.n_heads,
+            mode=mode,
+            dtype=dtype,
+            param_dtype=pdtype,
+            rngs=rngs,
+        )
         self.norm2 = RMSNorm(cfg.d_model, param_dtype=pdtype)
-        self.mlp = ParallelMLP(cfg.d_model, cfg.hidden, mode=mode, dtype=dtype,
-                               param_dtype=pdtype, rngs=rngs)
+        self.mlp = ParallelMLP(
+            cfg.d_model, cfg.hidden, mode=mode, dtype=dtype, param_dtype=pdtype, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.norm1(x))
@@ -150,27 +159,42 @@ class GPT(nnx.Module):
         self.cfg = cfg
         mode: Mode = cfg.mode
         pdtype = jnp.dtype(cfg.param_dtype)
-        self.embed = ParallelEmbed(cfg.vocab_size, cfg.d_model, mode=mode,
-                                   dtype=jnp.dtype(cfg.dtype), param_dtype=pdtype, rngs=rngs)
+        self.embed = ParallelEmbed(
+            cfg.vocab_size,
+            cfg.d_model,
+            mode=mode,
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=pdtype,
+            rngs=rngs,
+        )
         self.position = named_param(
             nnx.initializers.normal(0.02)(rngs.params(), (cfg.seq_len, cfg.d_model), pdtype),
-            (None, "embed"))
+            (None, "embed"),
+        )
 
     def _init_output(self, cfg: GPTConfig, rngs: nnx.Rngs) -> None:
         mode: Mode = cfg.mode
         pdtype = jnp.dtype(cfg.param_dtype)
         self.norm = RMSNorm(cfg.d_model, param_dtype=pdtype)
-        self.head = ColumnParallelLinear(cfg.d_model, cfg.vocab_size, use_bias=False,
-                                         names=("embed", "vocab"), mode=mode,
-                                         dtype=jnp.dtype(cfg.dtype), param_dtype=pdtype,
-                                         kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.head = ColumnParallelLinear(
+            cfg.d_model,
+            cfg.vocab_size,
+            use_bias=False,
+            names=("embed", "vocab"),
+            mode=mode,
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=pdtype,
+            kernel_init=nnx.initializers.normal(0.02),
+            rngs=rngs,
+        )
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """Token plus position embeddings ``(batch, seq, d_model)``."""
         seq = tokens.shape[-1]
         if seq > self.cfg.seq_len:
-            raise ConfigError(f"sequence of {seq} tokens exceeds the model's seq_len="
-                              f"{self.cfg.seq_len}.")
+            raise ConfigError(
+                f"sequence of {seq} tokens exceeds the model's seq_len={self.cfg.seq_len}."
+            )
         x = self.embed(tokens) + self.position[:seq].astype(jnp.dtype(self.cfg.dtype))
         return constrain(x, ("batch", "seq", "embed"))
 

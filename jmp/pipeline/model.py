@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from jmp import strategies
 from jmp.errors import ConfigError
 from jmp.losses import cross_entropy
 from jmp.models.gpt import GPT, Block, GPTConfig
@@ -37,7 +38,7 @@ from jmp.rules import Rules
 from jmp.sharding import named_shardings
 
 #: The mesh axis (and logical axis name) the stages are split over.
-STAGE = "stage"
+STAGE = strategies.STAGE_AXIS
 
 
 def _is_var(x: Any) -> bool:
@@ -82,8 +83,9 @@ class PipelinedGPT(GPT):
         self._init_embedding(cfg, rngs)
         blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
         graphdef = nnx.split(blocks[0])[0]
-        self.blocks = nnx.merge(graphdef, _stack_states([nnx.split(b)[1] for b in blocks],
-                                                        num_stages))
+        self.blocks = nnx.merge(
+            graphdef, _stack_states([nnx.split(b)[1] for b in blocks], num_stages)
+        )
         self._init_output(cfg, rngs)
 
     @property
@@ -99,13 +101,15 @@ class PipelinedGPT(GPT):
         graphdef, state = nnx.split(self.blocks)
         x = self.embed_tokens(tokens)
         for s in range(self.num_stages):
-            x = run_blocks(graphdef, jax.tree.map(lambda a, s=s: a[s], state), x,
-                           remat=self.cfg.remat)
+            x = run_blocks(
+                graphdef, jax.tree.map(lambda a, s=s: a[s], state), x, remat=self.cfg.remat
+            )
         return self.logits(x)
 
     @classmethod
-    def from_gpt(cls, gpt: GPT, /, *, num_stages: int, mesh: Mesh | None = None,
-                 rules: Rules | None = None) -> PipelinedGPT:
+    def from_gpt(
+        cls, gpt: GPT, /, *, num_stages: int, mesh: Mesh | None = None, rules: Rules | None = None
+    ) -> PipelinedGPT:
         """The same model with its blocks stacked into ``num_stages`` stages.
 
         With ``mesh`` and ``rules`` the parameters are placed on their shardings there (e.g.
@@ -115,8 +119,10 @@ class PipelinedGPT(GPT):
         abstract = nnx.eval_shape(lambda: cls(cfg, num_stages=num_stages, rngs=nnx.Rngs(0)))
         state = stack_params(nnx.state(gpt), num_stages)
         if (mesh is None) != (rules is None):
-            raise ConfigError("from_gpt places parameters with both mesh= and rules=, or "
-                              "neither; got only one. Fix: pass both.")
+            raise ConfigError(
+                "from_gpt places parameters with both mesh= and rules=, or "
+                "neither; got only one. Fix: pass both."
+            )
         if mesh is not None and rules is not None:
             state = jax.device_put(state, named_shardings(state, rules, mesh))
         return nnx.merge(nnx.graphdef(abstract), state)
@@ -150,13 +156,16 @@ def unstack_params(state: nnx.State, /) -> nnx.State:
         return v.replace(v.get_value()[i // per, i % per], out_sharding=names)
 
     new = {k: v for k, v in state.items() if k != "blocks"}
-    new["blocks"] = {i: jax.tree.map(lambda v, i=i: one(v, i), state["blocks"], is_leaf=_is_var)
-                     for i in range(stages * per)}
+    new["blocks"] = {
+        i: jax.tree.map(lambda v, i=i: one(v, i), state["blocks"], is_leaf=_is_var)
+        for i in range(stages * per)
+    }
     return nnx.State(new)
 
 
-def run_blocks(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, /, *,
-               remat: bool = False) -> jax.Array:
+def run_blocks(
+    graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, /, *, remat: bool = False
+) -> jax.Array:
     """Apply blocks whose parameters are stacked on a leading ``layers`` dim, in order."""
 
     def one(layer: nnx.State, h: jax.Array) -> jax.Array:

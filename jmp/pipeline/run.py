@@ -81,32 +81,41 @@ def _batch_ways(mesh: Mesh) -> tuple[tuple[str, ...], int]:
     return axes, int(np.prod([mesh.shape[a] for a in axes]))
 
 
-def check_pipeline(model: PipelinedGPT, mesh: Mesh, /, *, num_microbatches: int,
-                   batch_size: int | None = None) -> None:
+def check_pipeline(
+    model: PipelinedGPT, mesh: Mesh, /, *, num_microbatches: int, batch_size: int | None = None
+) -> None:
     """Raise a :class:`~jmp.ConfigError` listing everything that stops this pipeline run."""
     S, M = model.num_stages, num_microbatches
     problems = []
     if STAGE not in mesh.shape:
-        problems.append(f"the mesh {dict(mesh.shape)} has no 'stage' axis. Fix: build one with "
-                        f"it, e.g. jmp.make_mesh('stage={S},data=-1')")
+        problems.append(
+            f"the mesh {dict(mesh.shape)} has no 'stage' axis. Fix: build one with "
+            f"it, e.g. jmp.make_mesh('stage={S},data=-1')"
+        )
     elif mesh.shape[STAGE] != S:
-        problems.append(f"the model has {S} stages but the mesh's 'stage' axis has size "
-                        f"{mesh.shape[STAGE]}. Fix: build the model with num_stages="
-                        f"{mesh.shape[STAGE]} (n_layers={model.cfg.n_layers} must be divisible "
-                        f"by it), or use a mesh with stage={S}")
+        problems.append(
+            f"the model has {S} stages but the mesh's 'stage' axis has size "
+            f"{mesh.shape[STAGE]}. Fix: build the model with num_stages="
+            f"{mesh.shape[STAGE]} (n_layers={model.cfg.n_layers} must be divisible "
+            f"by it), or use a mesh with stage={S}"
+        )
     if model.cfg.mode != "auto":
-        problems.append("GPTConfig.mode='manual' is not supported inside the pipeline (the "
-                        "layers' own shard_map, nested in the stage shard_map, fails to lower "
-                        "when differentiated). Fix: mode='auto': the compiler then places the "
-                        "same tensor-parallel collectives")
+        problems.append(
+            "GPTConfig.mode='manual' is not supported inside the pipeline (the "
+            "layers' own shard_map, nested in the stage shard_map, fails to lower "
+            "when differentiated). Fix: mode='auto': the compiler then places the "
+            "same tensor-parallel collectives"
+        )
     if not isinstance(M, int) or M < 1:
         problems.append(f"num_microbatches={M!r} must be a positive int")
     elif batch_size is not None:
         axes, ways = _batch_ways(mesh)
         if batch_size % (M * ways):
-            problems.append(f"a batch of {batch_size} rows does not split into {M} microbatches "
-                            f"whose rows split over the batch axes {axes} (size {ways}). Fix: "
-                            f"use a batch size that is a multiple of {M * ways}")
+            problems.append(
+                f"a batch of {batch_size} rows does not split into {M} microbatches "
+                f"whose rows split over the batch axes {axes} (size {ways}). Fix: "
+                f"use a batch size that is a multiple of {M * ways}"
+            )
     if problems:
         raise ConfigError("Cannot run the pipeline: " + "; ".join(problems) + ".")
 
@@ -150,8 +159,9 @@ class _Stage:
         """A stage-varying zero activation (for loop carries), with leading dims ``lead``."""
         return _varying(jnp.zeros((*lead, *self.act_shape), self.dtype))
 
-    def forward(self, blocks: nnx.State, shared: nnx.State, x: jax.Array,
-                micro: jax.Array) -> jax.Array:
+    def forward(
+        self, blocks: nnx.State, shared: nnx.State, x: jax.Array, micro: jax.Array
+    ) -> jax.Array:
         """This stage's output for microbatch ``micro`` (the first stage embeds its tokens)."""
         tokens = self.tokens[jnp.clip(micro, 0, self.M - 1)]
         # Every stage embeds and only the first keeps it: a select, not a lax.cond. With
@@ -160,8 +170,9 @@ class _Stage:
         h = jnp.where(self.index == 0, self._model(blocks, shared).embed_tokens(tokens), x)
         return run_blocks(self.blocks_def, blocks, h.astype(self.dtype), remat=self.remat)
 
-    def forward_loss(self, blocks: nnx.State, shared: nnx.State, x: jax.Array,
-                     micro: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def forward_loss(
+        self, blocks: nnx.State, shared: nnx.State, x: jax.Array, micro: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         """(output, loss): the loss is the last stage's cross-entropy, 0 on the others."""
         y = self.forward(blocks, shared, x, micro)
         targets = self.targets[jnp.clip(micro, 0, self.M - 1)]
@@ -172,8 +183,9 @@ class _Stage:
 def _gpipe_body(model: PipelinedGPT, schedule: Schedule) -> Callable:
     ticks = schedule.ticks // 2  # the forward half; autodiff runs the backward half
 
-    def body(blocks: nnx.State, shared: nnx.State, tokens: jax.Array,
-             targets: jax.Array) -> jax.Array:
+    def body(
+        blocks: nnx.State, shared: nnx.State, tokens: jax.Array, targets: jax.Array
+    ) -> jax.Array:
         stage = _Stage(model, tokens, targets)
         blocks = jax.tree.map(lambda a: a[0], blocks)
         # Varying from here on: the transpose of this cast is the one psum over 'stage' of the
@@ -197,40 +209,57 @@ def _onefoneb_body(model: PipelinedGPT, schedule: Schedule) -> Callable:
     S, M = schedule.num_stages, schedule.num_microbatches
     slots = min(M, 2 * S - 1)  # stage inputs kept for the backward: 2(S-1-s)+1 on stage s
 
-    def body(blocks: nnx.State, shared: nnx.State, tokens: jax.Array,
-             targets: jax.Array) -> tuple[jax.Array, nnx.State, nnx.State]:
+    def body(
+        blocks: nnx.State, shared: nnx.State, tokens: jax.Array, targets: jax.Array
+    ) -> tuple[jax.Array, nnx.State, nnx.State]:
         stage = _Stage(model, tokens, targets)
         blocks = jax.tree.map(lambda a: a[0], blocks)
         shared = _varying(shared)  # gradients summed over 'stage' once, at the end
-        carry = dict(x=stage.zeros(), g=stage.zeros(), stash=stage.zeros(slots),
-                     grads=jax.tree.map(jnp.zeros_like, (blocks, shared)),
-                     loss=_varying(jnp.zeros((), jnp.float32)))
+        carry = dict(
+            x=stage.zeros(),
+            g=stage.zeros(),
+            stash=stage.zeros(slots),
+            grads=jax.tree.map(jnp.zeros_like, (blocks, shared)),
+            loss=_varying(jnp.zeros((), jnp.float32)),
+        )
 
         def forward(c: dict, micro: jax.Array) -> dict:
             y = stage.forward(blocks, shared, c["x"], micro)
             slot = jnp.where(micro >= 0, micro % slots, 0)
             kept = jnp.where(micro >= 0, c["x"], c["stash"][slot])
-            return {**c, "x": _shift(y, S, +1),
-                    "stash": jax.lax.dynamic_update_index_in_dim(c["stash"], kept, slot, 0)}
+            return {
+                **c,
+                "x": _shift(y, S, +1),
+                "stash": jax.lax.dynamic_update_index_in_dim(c["stash"], kept, slot, 0),
+            }
 
         def backward(c: dict, micro: jax.Array) -> dict:
             # Recompute this stage's forward from its kept input, then pull the cotangent
             # back through it: only the stage's input is kept between forward and backward.
             x = c["stash"][jnp.where(micro >= 0, micro % slots, 0)]
-            (_, loss), vjp = jax.vjp(lambda bl, sh, x_: stage.forward_loss(bl, sh, x_, micro),
-                                     blocks, shared, x)
+            (_, loss), vjp = jax.vjp(
+                lambda bl, sh, x_: stage.forward_loss(bl, sh, x_, micro), blocks, shared, x
+            )
             last = stage.index == S - 1
             dy = jnp.where(last, 0.0, c["g"]).astype(x.dtype)
             g_blocks, g_shared, g_x = vjp((dy, jnp.where(last, 1.0 / M, 0.0)))
             valid = micro >= 0
-            grads = jax.tree.map(lambda acc, g: acc + jnp.where(valid, g, 0).astype(acc.dtype),
-                                 c["grads"], (g_blocks, g_shared))
-            return {**c, "g": _shift(g_x, S, -1), "grads": grads,
-                    "loss": c["loss"] + jnp.where(valid & last, loss, 0.0)}
+            grads = jax.tree.map(
+                lambda acc, g: acc + jnp.where(valid, g, 0).astype(acc.dtype),
+                c["grads"],
+                (g_blocks, g_shared),
+            )
+            return {
+                **c,
+                "g": _shift(g_x, S, -1),
+                "grads": grads,
+                "loss": c["loss"] + jnp.where(valid & last, loss, 0.0),
+            }
 
         # One scan per phase, each doing only what its ticks need: forwards only (warm-up),
         # one forward and one backward (steady state), backwards only (cool-down).
         for lo, hi, do_f, do_b in schedule.phases():
+
             def tick(c: dict, rows: tuple, do_f: bool = do_f, do_b: bool = do_b) -> tuple:
                 c = forward(c, rows[0][stage.index]) if do_f else c
                 return (backward(c, rows[1][stage.index]) if do_b else c), None
@@ -238,18 +267,20 @@ def _onefoneb_body(model: PipelinedGPT, schedule: Schedule) -> Callable:
             rows = (jnp.asarray(schedule.forward[lo:hi]), jnp.asarray(schedule.backward[lo:hi]))
             carry, _ = jax.lax.scan(tick, carry, rows)
         g_blocks, g_shared = carry["grads"]
-        return (jax.lax.psum(carry["loss"], STAGE) / M,
-                jax.tree.map(lambda g: g[None], g_blocks),
-                jax.tree.map(lambda g: jax.lax.psum(g, STAGE), g_shared))
+        return (
+            jax.lax.psum(carry["loss"], STAGE) / M,
+            jax.tree.map(lambda g: g[None], g_blocks),
+            jax.tree.map(lambda g: jax.lax.psum(g, STAGE), g_shared),
+        )
 
     return body
 
 
-def _run(model: PipelinedGPT, batch: Batch, mesh: Mesh, num_microbatches: int,
-         schedule: str) -> Any:
+def _run(
+    model: PipelinedGPT, batch: Batch, mesh: Mesh, num_microbatches: int, schedule: str
+) -> Any:
     """The loss (GPipe) or (loss, block grads, shared grads) (1F1B) of one pipelined run."""
-    check_pipeline(model, mesh, num_microbatches=num_microbatches,
-                   batch_size=batch[0].shape[0])
+    check_pipeline(model, mesh, num_microbatches=num_microbatches, batch_size=batch[0].shape[0])
     plan = make_schedule(schedule, model.num_stages, num_microbatches)
     tokens, targets = split_microbatches(batch, num_microbatches)
     _, blocks, shared = nnx.split(model, nnx.PathContains("blocks"), ...)
@@ -259,8 +290,9 @@ def _run(model: PipelinedGPT, batch: Batch, mesh: Mesh, num_microbatches: int,
         body, out_specs = _onefoneb_body(model, plan), (P(), P(STAGE), P())
     # Manual over 'stage' only: inside, 'data' and 'model' stay with the compiler, so the
     # layers' tensor-parallel collectives and the batch split work as without a pipeline.
-    return jax.shard_map(body, mesh=mesh, in_specs=(P(STAGE), P(), P(), P()),
-                         out_specs=out_specs, axis_names={STAGE})(blocks, shared, tokens, targets)
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(P(STAGE), P(), P(), P()), out_specs=out_specs, axis_names={STAGE}
+    )(blocks, shared, tokens, targets)
 
 
 def _check_schedule(schedule: str) -> None:
@@ -268,9 +300,15 @@ def _check_schedule(schedule: str) -> None:
         raise ConfigError(f"schedule={schedule!r} must be one of {SCHEDULES}.")
 
 
-def pipeline_loss_and_grads(model: PipelinedGPT, batch: Batch, /, *, mesh: Mesh,
-                            num_microbatches: int, schedule: ScheduleName = "1f1b",
-                            ) -> tuple[jax.Array, nnx.State]:
+def pipeline_loss_and_grads(
+    model: PipelinedGPT,
+    batch: Batch,
+    /,
+    *,
+    mesh: Mesh,
+    num_microbatches: int,
+    schedule: ScheduleName = "1f1b",
+) -> tuple[jax.Array, nnx.State]:
     """Mean next-token loss of ``batch`` and its gradients, pipelined over ``'stage'``.
 
     Call it inside ``jax.jit`` and :func:`jmp.activate` (the layers read the rules from it).
@@ -295,8 +333,9 @@ def pipeline_loss_and_grads(model: PipelinedGPT, batch: Batch, /, *, mesh: Mesh,
     _check_schedule(schedule)
     if schedule == "gpipe":
         graphdef, params = nnx.split(model)
-        return jax.value_and_grad(lambda p: _run(nnx.merge(graphdef, p), batch, mesh,
-                                                 num_microbatches, "gpipe"))(params)
+        return jax.value_and_grad(
+            lambda p: _run(nnx.merge(graphdef, p), batch, mesh, num_microbatches, "gpipe")
+        )(params)
     loss, g_blocks, g_shared = _run(model, batch, mesh, num_microbatches, "1f1b")
     return loss, _merge_grads(model, g_blocks, g_shared)
 
@@ -305,8 +344,15 @@ def _merge_grads(model: PipelinedGPT, g_blocks: nnx.State, g_shared: nnx.State) 
     return nnx.state(nnx.merge(nnx.graphdef(model), g_blocks, g_shared))
 
 
-def pipeline_loss(model: PipelinedGPT, batch: Batch, /, *, mesh: Mesh, num_microbatches: int,
-                  schedule: ScheduleName = "1f1b") -> jax.Array:
+def pipeline_loss(
+    model: PipelinedGPT,
+    batch: Batch,
+    /,
+    *,
+    mesh: Mesh,
+    num_microbatches: int,
+    schedule: ScheduleName = "1f1b",
+) -> jax.Array:
     """The pipelined mean loss, differentiable by ``jax.grad`` under either schedule.
 
     Not differentiated, both run GPipe's forward only. Differentiated, GPipe goes through
@@ -322,28 +368,35 @@ def pipeline_loss(model: PipelinedGPT, batch: Batch, /, *, mesh: Mesh, num_micro
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _onefoneb_loss(graphdef: nnx.GraphDef, mesh: Mesh, num_microbatches: int,
-                   params: nnx.State, batch: Batch) -> jax.Array:
+def _onefoneb_loss(
+    graphdef: nnx.GraphDef, mesh: Mesh, num_microbatches: int, params: nnx.State, batch: Batch
+) -> jax.Array:
     return _run(nnx.merge(graphdef, params), batch, mesh, num_microbatches, "gpipe")
 
 
-def _onefoneb_fwd(graphdef: nnx.GraphDef, mesh: Mesh, num_microbatches: int,
-                  params: nnx.State, batch: Batch) -> tuple[jax.Array, nnx.State]:
+def _onefoneb_fwd(
+    graphdef: nnx.GraphDef, mesh: Mesh, num_microbatches: int, params: nnx.State, batch: Batch
+) -> tuple[jax.Array, nnx.State]:
     model = nnx.merge(graphdef, params)
     loss, g_blocks, g_shared = _run(model, batch, mesh, num_microbatches, "1f1b")
     return loss, _merge_grads(model, g_blocks, g_shared)
 
 
-def _onefoneb_bwd(graphdef: nnx.GraphDef, mesh: Mesh, num_microbatches: int,
-                  grads: nnx.State, ct: jax.Array) -> tuple[nnx.State, None]:
+def _onefoneb_bwd(
+    graphdef: nnx.GraphDef, mesh: Mesh, num_microbatches: int, grads: nnx.State, ct: jax.Array
+) -> tuple[nnx.State, None]:
     return jax.tree.map(lambda g: (g * ct).astype(g.dtype), grads), None  # tokens: no grad
 
 
 _onefoneb_loss.defvjp(_onefoneb_fwd, _onefoneb_bwd)
 
 
-def make_loss_fn(*, mesh: Mesh, num_microbatches: int, schedule: ScheduleName = "1f1b",
-                 ) -> Callable[[nnx.Module, Batch], jax.Array]:
+def make_loss_fn(
+    *,
+    mesh: Mesh,
+    num_microbatches: int,
+    schedule: ScheduleName = "1f1b",
+) -> Callable[[nnx.Module, Batch], jax.Array]:
     """A ``loss_fn(model, batch)`` for :func:`jmp.train.make_step` that runs the pipeline.
 
     Example:
@@ -354,8 +407,12 @@ def make_loss_fn(*, mesh: Mesh, num_microbatches: int, schedule: ScheduleName = 
 
     def loss_fn(model: nnx.Module, batch: Batch, /) -> jax.Array:
         # make_step hands the model it was built with (a PipelinedGPT) back as an nnx.Module
-        return pipeline_loss(cast(PipelinedGPT, model), batch, mesh=mesh,
-                             num_microbatches=num_microbatches,
-                             schedule=schedule)
+        return pipeline_loss(
+            cast(PipelinedGPT, model),
+            batch,
+            mesh=mesh,
+            num_microbatches=num_microbatches,
+            schedule=schedule,
+        )
 
     return loss_fn

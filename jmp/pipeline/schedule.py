@@ -25,10 +25,11 @@ from typing import Literal
 
 import numpy as np
 
+from jmp import strategies
 from jmp.errors import ConfigError
 
 ScheduleName = Literal["gpipe", "1f1b"]
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = strategies.PIPELINE_SCHEDULES
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,8 +54,10 @@ class Schedule:
     def tick_costs(self, fwd_cost: float = 1.0, bwd_cost: float = 2.0) -> np.ndarray:
         """Duration of each tick in lockstep: forward and/or backward, if any stage has one."""
         # np.any(x, axis=1), not x.any(1): numpy's stubs type the method's result as maybe a scalar
-        return (np.any(self.forward >= 0, axis=1) * fwd_cost
-                + np.any(self.backward >= 0, axis=1) * bwd_cost)
+        return (
+            np.any(self.forward >= 0, axis=1) * fwd_cost
+            + np.any(self.backward >= 0, axis=1) * bwd_cost
+        )
 
     def idle_fraction(self, fwd_cost: float = 1.0, bwd_cost: float = 2.0) -> float:
         """Share of stage-time spent idle (the bubble), counting the executed ticks.
@@ -117,10 +120,10 @@ def make_schedule(name: str, num_stages: int, num_microbatches: int, /) -> Sched
     fwd = np.where((t - s >= 0) & (t - s < M), t - s, -1)
     if name == "gpipe":
         idle = np.full_like(fwd, -1)
-        return Schedule(name, S, M, np.concatenate([fwd, idle]),
-                        np.concatenate([idle, fwd[::-1]]))
+        return Schedule(name, S, M, np.concatenate([fwd, idle]), np.concatenate([idle, fwd[::-1]]))
     t = np.arange(M + 2 * S - 2)[:, None]
     f = t - s
     b = t - (2 * S - 2 - s)
-    return Schedule(name, S, M, np.where((f >= 0) & (f < M), f, -1),
-                    np.where((b >= 0) & (b < M), b, -1))
+    return Schedule(
+        name, S, M, np.where((f >= 0) & (f < M), f, -1), np.where((b >= 0) & (b < M), b, -1)
+    )

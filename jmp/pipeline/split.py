@@ -86,22 +86,28 @@ class StageSplit:
     def table(self) -> str:
         """A plain-text table: one row per stage, then the totals."""
         head = f"{'stage':>5}  {'blocks':>11}  {'params':>13}  {'GFLOP/seq':>10}"
-        rows = [f"stage split ({self.balance}): params imbalance {self.imbalance('params'):.3f}, "
-                f"FLOPs imbalance {self.imbalance('flops'):.3f} (max/mean)", head]
+        rows = [
+            f"stage split ({self.balance}): params imbalance {self.imbalance('params'):.3f}, "
+            f"FLOPs imbalance {self.imbalance('flops'):.3f} (max/mean)",
+            head,
+        ]
         for s, (n, p, f) in enumerate(zip(self.blocks, self.params, self.flops, strict=True)):
             first = self.first_block(s)
             span = f"{n:>3} [{first:>2}-{first + n - 1:>2}]"
             rows.append(f"{s:>5}  {span:>11}  {p:>13,}  {f / 1e9:>10.3f}")
-        rows.append(f"{'total':>5}  {sum(self.blocks):>11}  {sum(self.params):>13,}  "
-                    f"{sum(self.flops) / 1e9:>10.3f}")
+        rows.append(
+            f"{'total':>5}  {sum(self.blocks):>11}  {sum(self.params):>13,}  "
+            f"{sum(self.flops) / 1e9:>10.3f}"
+        )
         return "\n".join(rows)
 
     def __str__(self) -> str:
         return self.table()
 
 
-def _balanced_counts(n_blocks: int, num_stages: int, weight: int,
-                     extra: tuple[int, ...]) -> list[int]:
+def _balanced_counts(
+    n_blocks: int, num_stages: int, weight: int, extra: tuple[int, ...]
+) -> list[int]:
     """Equal-weight blocks onto stages with fixed extra loads, minimising the largest load.
 
     One block per stage first, then each next block to the stage whose load would grow the
@@ -114,8 +120,13 @@ def _balanced_counts(n_blocks: int, num_stages: int, weight: int,
     return counts
 
 
-def split_stages(cfg: GPTConfig, num_stages: int, /, *,
-                 balance: Literal["uniform", "params", "flops"] = "uniform") -> StageSplit:
+def split_stages(
+    cfg: GPTConfig,
+    num_stages: int,
+    /,
+    *,
+    balance: Literal["uniform", "params", "flops"] = "uniform",
+) -> StageSplit:
     """Split ``cfg.n_layers`` blocks into ``num_stages`` contiguous stages.
 
     ``'uniform'`` gives every stage ``n_layers / num_stages`` blocks (what :class:`PipelinedGPT`
@@ -137,15 +148,19 @@ def split_stages(cfg: GPTConfig, num_stages: int, /, *,
     else:
         weight = block_params(cfg) if balance == "params" else block_flops(cfg)
         first, last = _end_costs(cfg, balance)
-        extra = tuple((first if s == 0 else 0) + (last if s == num_stages - 1 else 0)
-                      for s in range(num_stages))
+        extra = tuple(
+            (first if s == 0 else 0) + (last if s == num_stages - 1 else 0)
+            for s in range(num_stages)
+        )
         counts = _balanced_counts(n, num_stages, weight, extra)
     loads = {}
     for what in ("params", "flops"):
         weight = block_params(cfg) if what == "params" else block_flops(cfg)
         first, last = _end_costs(cfg, what)
-        loads[what] = tuple(c * weight + (first if s == 0 else 0) +
-                            (last if s == num_stages - 1 else 0) for s, c in enumerate(counts))
+        loads[what] = tuple(
+            c * weight + (first if s == 0 else 0) + (last if s == num_stages - 1 else 0)
+            for s, c in enumerate(counts)
+        )
     return StageSplit(tuple(counts), loads["params"], loads["flops"], balance)
 
 
@@ -155,15 +170,18 @@ def check_stages(cfg: GPTConfig, num_stages: int, /, *, uniform: bool = True) ->
     if not isinstance(num_stages, int) or num_stages < 1:
         return [f"num_stages={num_stages!r} must be a positive int"]
     if num_stages > n:
-        return [f"{num_stages} stages exceed n_layers={n} (every stage needs a block). Fix: use "
-                f"a 'stage' mesh axis of size in {_divisors(n)}"]
+        return [
+            f"{num_stages} stages exceed n_layers={n} (every stage needs a block). Fix: use "
+            f"a 'stage' mesh axis of size in {_divisors(n)}"
+        ]
     if uniform and n % num_stages:
-        return [f"n_layers={n} is not divisible by the {num_stages} stages (the 'stage' mesh axis "
-                f"size). Fix: use a 'stage' axis of size in {_divisors(n)}, or n_layers a "
-                f"multiple of {num_stages} (e.g. {n + (-n) % num_stages})"]
+        return [
+            f"n_layers={n} is not divisible by the {num_stages} stages (the 'stage' mesh axis "
+            f"size). Fix: use a 'stage' axis of size in {_divisors(n)}, or n_layers a "
+            f"multiple of {num_stages} (e.g. {n + (-n) % num_stages})"
+        ]
     return []
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
-

@@ -3,7 +3,7 @@
 Five modules, one concept each, imported one way (``search -> estimate -> pipeline_costs ->
 costs``, ``estimate -> devices``):
 
-- :mod:`~jmp.plan.devices`: :class:`Device`, the presets :data:`DEVICES`, :func:`get_device`.
+- :mod:`~jmp.plan.hardware`: :class:`Device`, the presets :data:`DEVICES`, :func:`get_device`.
 - :mod:`~jmp.plan.costs`: the parameter layouts (:func:`param_arrays`) and the cost terms of
   the non-pipeline strategies: every collective (:class:`Comm`) XLA emits, activations, FLOPs.
 - :mod:`~jmp.plan.pipeline_costs`: the same for the pipeline strategies (``pp*``), per tick
@@ -25,8 +25,8 @@ Example:
 """
 
 from jmp.plan.costs import Comm, ParamArray, param_arrays
-from jmp.plan.devices import DEVICES, Device, GiB, MiB, get_device
 from jmp.plan.estimate import PIPELINE_SCHEDULES, STRATEGIES, Estimate, estimate
+from jmp.plan.hardware import DEVICES, Device, GiB, MiB, get_device
 from jmp.plan.pipeline_costs import STAGE_AXIS, pipeline_arrays
 from jmp.plan.search import candidate_shapes, format_table, search
 

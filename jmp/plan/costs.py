@@ -60,21 +60,27 @@ class ParamArray(NamedTuple):
 def param_arrays(cfg: GPTConfig, /) -> list[ParamArray]:
     """The parameter arrays of ``GPT(cfg)``: shapes and logical names as the model creates them."""
     d, f, h, k, v = cfg.d_model, cfg.hidden, cfg.n_heads, cfg.head_dim, cfg.vocab_size
-    out = [ParamArray("embed/embedding", (v, d), ("vocab", "embed"), "embedding"),
-           ParamArray("position", (cfg.seq_len, d), (None, "embed"), "position")]
+    out = [
+        ParamArray("embed/embedding", (v, d), ("vocab", "embed"), "embedding"),
+        ParamArray("position", (cfg.seq_len, d), (None, "embed"), "position"),
+    ]
     for i in range(cfg.n_layers):
         p = f"blocks/{i}/"
-        out += [ParamArray(p + "norm1/scale", (d,), ("embed",), "norm", i),
-                ParamArray(p + "attn/qkv", (d, 3, h, k), ("embed", None, "heads", "kv"), "qkv", i),
-                ParamArray(p + "attn/out", (h, k, d), ("heads", "kv", "embed"), "out", i),
-                ParamArray(p + "attn/out_bias", (d,), ("embed",), "out_bias", i),
-                ParamArray(p + "norm2/scale", (d,), ("embed",), "norm", i),
-                ParamArray(p + "mlp/up/kernel", (d, f), ("embed", "mlp"), "up", i),
-                ParamArray(p + "mlp/up/bias", (f,), ("mlp",), "up_bias", i),
-                ParamArray(p + "mlp/down/kernel", (f, d), ("mlp", "embed"), "down", i),
-                ParamArray(p + "mlp/down/bias", (d,), ("embed",), "down_bias", i)]
-    return out + [ParamArray("norm/scale", (d,), ("embed",), "norm"),
-                  ParamArray("head/kernel", (d, v), ("embed", "vocab"), "head")]
+        out += [
+            ParamArray(p + "norm1/scale", (d,), ("embed",), "norm", i),
+            ParamArray(p + "attn/qkv", (d, 3, h, k), ("embed", None, "heads", "kv"), "qkv", i),
+            ParamArray(p + "attn/out", (h, k, d), ("heads", "kv", "embed"), "out", i),
+            ParamArray(p + "attn/out_bias", (d,), ("embed",), "out_bias", i),
+            ParamArray(p + "norm2/scale", (d,), ("embed",), "norm", i),
+            ParamArray(p + "mlp/up/kernel", (d, f), ("embed", "mlp"), "up", i),
+            ParamArray(p + "mlp/up/bias", (f,), ("mlp",), "up_bias", i),
+            ParamArray(p + "mlp/down/kernel", (f, d), ("mlp", "embed"), "down", i),
+            ParamArray(p + "mlp/down/bias", (d,), ("embed",), "down_bias", i),
+        ]
+    return out + [
+        ParamArray("norm/scale", (d,), ("embed",), "norm"),
+        ParamArray("head/kernel", (d, v), ("embed", "vocab"), "head"),
+    ]
 
 
 class _Layout(NamedTuple):
@@ -85,26 +91,29 @@ class _Layout(NamedTuple):
 
     def split(self, mesh: Mapping[str, int], only: Iterable[str] | None = None) -> int:
         keep = None if only is None else set(only)
-        return math.prod(mesh[a] for dim in self.axes for a in dim
-                         if keep is None or a in keep)
+        return math.prod(mesh[a] for dim in self.axes for a in dim if keep is None or a in keep)
 
     @property
     def split_axes(self) -> set[str]:
         return {a for dim in self.axes for a in dim}
 
 
-def _layouts(cfg: GPTConfig, rules: Rules, mesh: AbstractMesh,
-             arrays: list[ParamArray] | None = None) -> list[_Layout]:
+def _layouts(
+    cfg: GPTConfig, rules: Rules, mesh: AbstractMesh, arrays: list[ParamArray] | None = None
+) -> list[_Layout]:
     """Resolve every array strictly (jmp's own rules), or raise one ShardingError listing all."""
     problems: list[str] = []
     out = []
     for arr in param_arrays(cfg) if arrays is None else arrays:
-        spec, found = resolve(arr.names, rules.params_dict, shape=arr.shape, mesh=mesh,
-                              path=arr.path)
+        spec, found = resolve(
+            arr.names, rules.params_dict, shape=arr.shape, mesh=mesh, path=arr.path
+        )
         problems += found
         entries = list(spec) + [None] * (len(arr.shape) - len(spec))
-        axes = tuple(tuple(a for a in ((e,) if isinstance(e, str) else (e or ()))
-                           if mesh.shape[a] > 1) for e in entries)
+        axes = tuple(
+            tuple(a for a in ((e,) if isinstance(e, str) else (e or ())) if mesh.shape[a] > 1)
+            for e in entries
+        )
         out.append(_Layout(arr, axes))
     raise_problems(problems, what="parameter")
     return out
@@ -131,8 +140,9 @@ def _ring_factor(kind: str, n: int) -> float:
     """Bytes each device sends per result byte, for a ring of n devices."""
     if n <= 1:
         return 0.0
-    return {"all-reduce": 2 * (n - 1) / n, "reduce-scatter": n - 1,
-            "collective-permute": 1.0}.get(kind, (n - 1) / n)
+    return {"all-reduce": 2 * (n - 1) / n, "reduce-scatter": n - 1, "collective-permute": 1.0}.get(
+        kind, (n - 1) / n
+    )
 
 
 class _Ctx(NamedTuple):
@@ -168,29 +178,75 @@ def _tensor_comms(c: _Ctx) -> list[Comm]:
 
     vocab, heads, mlp = tensor_axis("head"), tensor_axis("qkv"), tensor_axis("up")
     if vocab:
-        out.append(Comm("all-reduce", vocab, act, c.micro,
-                        "embedding vocab-parallel lookup (one-hot product) forward"))
+        out.append(
+            Comm(
+                "all-reduce",
+                vocab,
+                act,
+                c.micro,
+                "embedding vocab-parallel lookup (one-hot product) forward",
+            )
+        )
     for i in range(c.cfg.n_layers):
         if heads:
-            out.append(Comm("all-reduce", heads, act, c.micro,
-                            f"layer {i} attention out-proj row-parallel forward"))
+            out.append(
+                Comm(
+                    "all-reduce",
+                    heads,
+                    act,
+                    c.micro,
+                    f"layer {i} attention out-proj row-parallel forward",
+                )
+            )
             if c.remat:
-                out.append(Comm("all-reduce", heads, act, c.micro,
-                                f"layer {i} attention out-proj recomputed (remat)"))
-            out.append(Comm("all-reduce", heads, act, c.micro,
-                            f"layer {i} qkv input gradient (column-parallel) backward"))
+                out.append(
+                    Comm(
+                        "all-reduce",
+                        heads,
+                        act,
+                        c.micro,
+                        f"layer {i} attention out-proj recomputed (remat)",
+                    )
+                )
+            out.append(
+                Comm(
+                    "all-reduce",
+                    heads,
+                    act,
+                    c.micro,
+                    f"layer {i} qkv input gradient (column-parallel) backward",
+                )
+            )
         if mlp:
-            out.append(Comm("all-reduce", mlp, act, c.micro,
-                            f"layer {i} MLP down row-parallel forward"))
-            out.append(Comm("all-reduce", mlp, act, c.micro,
-                            f"layer {i} MLP up input gradient (column-parallel) backward"))
+            out.append(
+                Comm("all-reduce", mlp, act, c.micro, f"layer {i} MLP down row-parallel forward")
+            )
+            out.append(
+                Comm(
+                    "all-reduce",
+                    mlp,
+                    act,
+                    c.micro,
+                    f"layer {i} MLP up input gradient (column-parallel) backward",
+                )
+            )
     if vocab:
-        out.append(Comm("all-reduce", vocab, act, c.micro,
-                        "head input gradient (column-parallel) backward"))
+        out.append(
+            Comm(
+                "all-reduce", vocab, act, c.micro, "head input gradient (column-parallel) backward"
+            )
+        )
         tok = c.rows * c.seq * 4  # the loss is computed in float32
         for what in ("max", "sum of exp", "target logit"):
-            out.append(Comm("all-reduce", vocab, tok, c.micro,
-                            f"cross-entropy {what} over the split vocabulary"))
+            out.append(
+                Comm(
+                    "all-reduce",
+                    vocab,
+                    tok,
+                    c.micro,
+                    f"cross-entropy {what} over the split vocabulary",
+                )
+            )
     return out
 
 
@@ -220,17 +276,34 @@ def _batch_comms(c: _Ctx) -> list[Comm]:
         if sharded and arr.role == "embedding" and not lay.split_axes - {data}:
             # vocabulary whole: jnp.take on a table split by columns, never gathered
             act = c.rows * c.seq * c.cfg.d_model * c.wire
-            out += [Comm("all-gather", data, c.rows * n * c.seq * 4, c.micro,
-                         "token ids for the column-split embedding lookup"),
-                    Comm("all-to-all", data, act, c.micro, "embedding columns -> batch forward"),
-                    Comm("all-to-all", data, act, c.micro, "embedding gradient -> columns")]
+            out += [
+                Comm(
+                    "all-gather",
+                    data,
+                    c.rows * n * c.seq * 4,
+                    c.micro,
+                    "token ids for the column-split embedding lookup",
+                ),
+                Comm("all-to-all", data, act, c.micro, "embedding columns -> batch forward"),
+                Comm("all-to-all", data, act, c.micro, "embedding gradient -> columns"),
+            ]
             continue
         if sharded:
-            out.append(Comm("all-gather", data, whole, _gathers(arr.role, arr.layer, c.remat),
-                            f"{where} FSDP gather"))
+            out.append(
+                Comm(
+                    "all-gather",
+                    data,
+                    whole,
+                    _gathers(arr.role, arr.layer, c.remat),
+                    f"{where} FSDP gather",
+                )
+            )
         if sharded and c.reduce_scatter:
-            out.append(Comm("reduce-scatter", data, whole // n, c.micro,
-                            f"{where} gradient reduce-scatter"))
+            out.append(
+                Comm(
+                    "reduce-scatter", data, whole // n, c.micro, f"{where} gradient reduce-scatter"
+                )
+            )
         else:
             out.append(Comm("all-reduce", data, whole, c.micro, f"{where} gradient all-reduce"))
     return out
@@ -242,8 +315,12 @@ def _norm_comms(c: _Ctx) -> list[Comm]:
     for lay in c.layouts:
         for a in lay.split_axes:
             per_axis[a] += 1
-    return [Comm("all-reduce", a, 4, 2 * k, f"gradient norm partial sums ({k} arrays x "
-                 f"clip and metric)") for a, k in per_axis.items()]
+    return [
+        Comm(
+            "all-reduce", a, 4, 2 * k, f"gradient norm partial sums ({k} arrays x clip and metric)"
+        )
+        for a, k in per_axis.items()
+    ]
 
 
 def _activation_bytes(c: _Ctx, compute_bytes: int, flash: bool) -> int:
@@ -271,8 +348,7 @@ def _activation_bytes(c: _Ctx, compute_bytes: int, flash: bool) -> int:
     tokens = c.rows * c.seq
     probs = 0 if flash else h * c.seq
     block = tokens * compute_bytes * (4 * d + (4 * d + probs) // t_h + 2 * f // t_f)
-    vocab = tokens * cfg.vocab_size // t_v * (compute_bytes + 4 + (compute_bytes if t_v > 1
-                                                                   else 0))
+    vocab = tokens * cfg.vocab_size // t_v * (compute_bytes + 4 + (compute_bytes if t_v > 1 else 0))
     kept = tokens * d * compute_bytes * cfg.n_layers + block if c.remat else block * cfg.n_layers
     return kept + vocab + tokens * d * compute_bytes
 

@@ -7,7 +7,7 @@ inputs, resolves the strategy's rules strictly (as ``shard_init`` would), and su
 terms of :mod:`jmp.plan.costs` (or :mod:`jmp.plan.pipeline_costs` for ``pp*``) into an
 :class:`Estimate`.
 
-What depends on the backend comes from :class:`~jmp.plan.devices.Device` (``platform``): GPUs
+What depends on the backend comes from :class:`~jmp.plan.hardware.Device` (``platform``): GPUs
 reduce-scatter FSDP gradients, CPUs all-reduce them and send 16-bit values as float32.
 
 Time is a roofline, not a simulation: compute runs at the device's peak FLOP/s (so MFU is an
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from jax.sharding import AbstractMesh
 
+from jmp import strategies
 from jmp.errors import ConfigError
 from jmp.mesh import format_mesh_shape
 from jmp.models.gpt import GPTConfig
@@ -44,7 +45,7 @@ from jmp.plan.costs import (
     _ring_factor,
     _tensor_comms,
 )
-from jmp.plan.devices import Device, get_device
+from jmp.plan.hardware import Device, get_device
 from jmp.plan.pipeline_costs import (
     STAGE_AXIS,
     _pipeline_activations,
@@ -55,13 +56,12 @@ from jmp.plan.pipeline_costs import (
 from jmp.rules import check_batch, preset
 from jmp.units import human_bytes
 
-#: The strategies the cost model covers, with the mesh axes each one splits. The pipeline ones
-#: (``pp*``) stack the blocks over ``'stage'`` (``jmp.pipeline``) and run the rest within a stage.
-_NEEDS = {"dp": ("data",), "fsdp": ("data",), "tp": ("model",), "dp_tp": ("data", "model"),
-          "fsdp_tp": ("data", "model"), "pp": ("stage",), "pp_dp": ("stage", "data"),
-          "pp_tp": ("stage", "model"), "pp_dp_tp": ("stage", "data", "model")}
-STRATEGIES = tuple(_NEEDS)
-PIPELINE_SCHEDULES = ("1f1b", "gpipe")
+#: The strategies the cost model covers: every one of the registry (:mod:`jmp.strategies`) but
+#: FSDP inside pipeline stages, which has no cost terms yet. The pipeline ones (``pp*``) stack
+#: the blocks over ``'stage'`` (``jmp.pipeline``) and run the rest within a stage.
+STRATEGIES = tuple(s for s in strategies.names() if s not in ("pp_fsdp", "pp_fsdp_tp"))
+_NEEDS = {s: strategies.axes(s) for s in STRATEGIES}  # strategy -> the mesh axes it splits
+PIPELINE_SCHEDULES = strategies.PIPELINE_SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,10 @@ class Estimate:
 
     def comm_report(self) -> str:
         """The predicted collectives, one per line, and the per-axis totals."""
-        lines = [f"  {c.kind:14s} {c.axis:6s} {c.bytes:>12,d} B x{c.count:<4d} {c.what}"
-                 for c in self.comm]
+        lines = [
+            f"  {c.kind:14s} {c.axis:6s} {c.bytes:>12,d} B x{c.count:<4d} {c.what}"
+            for c in self.comm
+        ]
         lines += [f"  total over {a!r}: {b:,d} B" for a, b in self.comm_bytes.items()]
         return "\n".join(lines)
 
@@ -119,12 +121,22 @@ def _fmt_time(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.1f} s"
 
 
-def _check_inputs(cfg: GPTConfig, strategy: str, mesh_shape: Mapping[str, int], batch_size: int,
-                  seq_len: int, microbatches: int, optimizer: str, schedule: str) -> None:
+def _check_inputs(
+    cfg: GPTConfig,
+    strategy: str,
+    mesh_shape: Mapping[str, int],
+    batch_size: int,
+    seq_len: int,
+    microbatches: int,
+    optimizer: str,
+    schedule: str,
+) -> None:
     problems = []
     if strategy not in STRATEGIES:
-        raise ConfigError(f"Strategy {strategy!r} is not in the planner's cost model, which "
-                          f"covers {', '.join(STRATEGIES)}.")
+        raise ConfigError(
+            f"Strategy {strategy!r} is not in the planner's cost model, which "
+            f"covers {', '.join(STRATEGIES)}."
+        )
     if schedule not in PIPELINE_SCHEDULES:
         problems.append(f"schedule={schedule!r} must be one of {PIPELINE_SCHEDULES}")
     if strategy.startswith("pp") and isinstance(mesh_shape.get(STAGE_AXIS), int):
@@ -133,8 +145,11 @@ def _check_inputs(cfg: GPTConfig, strategy: str, mesh_shape: Mapping[str, int], 
         problems += check_stages(cfg, mesh_shape[STAGE_AXIS])
     if not mesh_shape or any(not isinstance(n, int) or n < 1 for n in mesh_shape.values()):
         problems.append(f"mesh_shape={dict(mesh_shape)!r} must map axis names to sizes >= 1")
-    for name, value in (("batch_size", batch_size), ("microbatches", microbatches),
-                        ("seq_len", seq_len)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("microbatches", microbatches),
+        ("seq_len", seq_len),
+    ):
         if not isinstance(value, int) or value < 1:
             problems.append(f"{name}={value!r} must be a positive int")
     if not problems and seq_len > cfg.seq_len:
@@ -147,11 +162,22 @@ def _check_inputs(cfg: GPTConfig, strategy: str, mesh_shape: Mapping[str, int], 
         raise ConfigError("Invalid plan input: " + "; ".join(problems) + ".")
 
 
-def estimate(cfg: GPTConfig, mesh_shape: Mapping[str, int], strategy: str, /, *,
-             batch_size: int, seq_len: int | None = None, microbatches: int = 1,
-             remat: bool | None = None, device: Device | str = "cpu",
-             param_bytes: int | None = None, compute_bytes: int | None = None,
-             optimizer: str = "adamw", schedule: str = "1f1b") -> Estimate:
+def estimate(
+    cfg: GPTConfig,
+    mesh_shape: Mapping[str, int],
+    strategy: str,
+    /,
+    *,
+    batch_size: int,
+    seq_len: int | None = None,
+    microbatches: int = 1,
+    remat: bool | None = None,
+    device: Device | str = "cpu",
+    param_bytes: int | None = None,
+    compute_bytes: int | None = None,
+    optimizer: str = "adamw",
+    schedule: str = "1f1b",
+) -> Estimate:
     """Predict memory, collectives, FLOPs and time per device of one train step.
 
     Args:
@@ -168,7 +194,7 @@ def estimate(cfg: GPTConfig, mesh_shape: Mapping[str, int], strategy: str, /, *,
             two int32 counts) or ``'sgd'`` (no state).
         schedule: pipeline strategies (``pp*``): ``'1f1b'`` or ``'gpipe'``, as
             ``jmp.pipeline.make_loss_fn`` runs it; ``microbatches`` is then the pipeline's M
-            (``jmp.loop`` passes ``TrainConfig.microbatches``), not gradient accumulation.
+            (``jmp.train.loop`` passes ``TrainConfig.microbatches``), not gradient accumulation.
 
     Raises:
         ConfigError: unknown strategy or device, bad sizes, a batch the batch axes do not divide.
@@ -195,8 +221,19 @@ def estimate(cfg: GPTConfig, mesh_shape: Mapping[str, int], strategy: str, /, *,
     batch_axes = tuple(a for a in batch_axes if amesh.shape[a] > 1)
     sizes = dict(mesh_shape)
     cpu = dev.platform == "cpu"  # XLA:CPU upcasts 16-bit collectives and has no reduce-scatter
-    ctx = _Ctx(cfg, sizes, layouts, batch_axes, rows, seq, microbatches, remat,
-               max(cb, 4) if cpu else cb, max(pb, 4) if cpu else pb, not cpu)
+    ctx = _Ctx(
+        cfg,
+        sizes,
+        layouts,
+        batch_axes,
+        rows,
+        seq,
+        microbatches,
+        remat,
+        max(cb, 4) if cpu else cb,
+        max(pb, 4) if cpu else pb,
+        not cpu,
+    )
     if pipe:
         comm = tuple(c for c in _pipeline_comms(ctx, S, schedule) if c.count)
     else:
@@ -225,18 +262,44 @@ def estimate(cfg: GPTConfig, mesh_shape: Mapping[str, int], strategy: str, /, *,
     mfu = model_flops / n_dev / (step_time * dev.peak_flops) if step_time else 0.0
     fits = total <= dev.usable_bytes
     mesh = format_mesh_shape(sizes)
-    reason = (f"{strategy} on {mesh}: {human_bytes(total)}/device of "
-              f"{human_bytes(dev.usable_bytes)} usable ({'fits' if fits else 'does not fit'}), "
-              f"{human_bytes(sum(comm_bytes.values()))} communicated per step, step "
-              f"{_fmt_time(step_time)} ({_fmt_time(compute_time)} compute + "
-              f"{_fmt_time(comm_time)} comm), MFU {mfu:.0%}")
+    reason = (
+        f"{strategy} on {mesh}: {human_bytes(total)}/device of "
+        f"{human_bytes(dev.usable_bytes)} usable ({'fits' if fits else 'does not fit'}), "
+        f"{human_bytes(sum(comm_bytes.values()))} communicated per step, step "
+        f"{_fmt_time(step_time)} ({_fmt_time(compute_time)} compute + "
+        f"{_fmt_time(comm_time)} comm), MFU {mfu:.0%}"
+    )
     if pipe:
-        reason += (f", {schedule} with {microbatches} microbatches over {S} stages: bubble "
-                   f"{bubble:.0%} of the compute ((S-1)/(M+S-1))")
-    return Estimate(strategy, sizes, dev, batch_size, seq, microbatches, remat, local, grads,
-                    opt, acts, gathered, total, comm, dict(comm_bytes), model_flops / n_dev,
-                    compute_time, comm_time, step_time, mfu, fits, reason,
-                    schedule if pipe else None, bubble)
+        reason += (
+            f", {schedule} with {microbatches} microbatches over {S} stages: bubble "
+            f"{bubble:.0%} of the compute ((S-1)/(M+S-1))"
+        )
+    return Estimate(
+        strategy,
+        sizes,
+        dev,
+        batch_size,
+        seq,
+        microbatches,
+        remat,
+        local,
+        grads,
+        opt,
+        acts,
+        gathered,
+        total,
+        comm,
+        dict(comm_bytes),
+        model_flops / n_dev,
+        compute_time,
+        comm_time,
+        step_time,
+        mfu,
+        fits,
+        reason,
+        schedule if pipe else None,
+        bubble,
+    )
 
 
 def _itemsize(dtype: str) -> int:

@@ -28,10 +28,12 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+from jmp import strategies
 from jmp.models.gpt import GPTConfig
 from jmp.plan.costs import Comm, ParamArray, _Ctx, _flops, _one_axis, param_arrays
 
-STAGE_AXIS = "stage"
+STAGE_AXIS = strategies.STAGE_AXIS
+
 
 def pipeline_arrays(cfg: GPTConfig, num_stages: int, /) -> list[ParamArray]:
     """The parameter arrays of ``PipelinedGPT(cfg, num_stages=S)``: each block parameter stacked
@@ -42,9 +44,14 @@ def pipeline_arrays(cfg: GPTConfig, num_stages: int, /) -> list[ParamArray]:
         if arr.layer is None:
             out.append(arr)
         elif arr.layer == 0:
-            out.append(ParamArray("blocks/" + arr.path.split("/", 2)[2],
-                                  (num_stages, per, *arr.shape), ("stage", "layers", *arr.names),
-                                  arr.role))
+            out.append(
+                ParamArray(
+                    "blocks/" + arr.path.split("/", 2)[2],
+                    (num_stages, per, *arr.shape),
+                    ("stage", "layers", *arr.names),
+                    arr.role,
+                )
+            )
     return out
 
 
@@ -64,8 +71,8 @@ def _pipeline_sends(schedule: str, S: int, M: int) -> int:
     phases = plan.phases()
     sends = 0
     for i, (lo, hi, do_f, do_b) in enumerate(phases):
-        later_f = any(p[2] for p in phases[i + 1:])
-        later_b = any(p[3] for p in phases[i + 1:])
+        later_f = any(p[2] for p in phases[i + 1 :])
+        later_b = any(p[3] for p in phases[i + 1 :])
         for does, later in ((do_f, later_f), (do_b, later_b)):
             if does:
                 sends += hi - lo if hi - lo > 1 or later else 0
@@ -84,14 +91,28 @@ def _pipeline_comms(c: _Ctx, S: int, schedule: str) -> list[Comm]:
     ticks, per = M + S - 1, cfg.n_layers // S
     by_role = {x.array.role: x for x in c.layouts if not x.array.path.startswith("norm")}
     act = c.rows * c.seq * cfg.d_model * c.wire
-    out = [Comm("collective-permute", STAGE_AXIS, act, _pipeline_sends(schedule, S, M),
-                "stage activations forward / input gradients backward (neighbours only)"),
-           Comm("all-reduce", STAGE_AXIS, 4, 1, "loss summed over stages")]
+    out = [
+        Comm(
+            "collective-permute",
+            STAGE_AXIS,
+            act,
+            _pipeline_sends(schedule, S, M),
+            "stage activations forward / input gradients backward (neighbours only)",
+        ),
+        Comm("all-reduce", STAGE_AXIS, 4, 1, "loss summed over stages"),
+    ]
     for lay in c.layouts:
         if STAGE_AXIS not in lay.split_axes:
             local = math.prod(lay.array.shape) // lay.split(c.mesh) * c.pwire
-            out.append(Comm("all-reduce", STAGE_AXIS, local, 1,
-                            f"{lay.array.path} gradient summed over stages (replicated end)"))
+            out.append(
+                Comm(
+                    "all-reduce",
+                    STAGE_AXIS,
+                    local,
+                    1,
+                    f"{lay.array.path} gradient summed over stages (replicated end)",
+                )
+            )
 
     def tensor_axis(role: str) -> str | None:
         axes = by_role[role].split_axes - set(c.batch_axes) - {STAGE_AXIS}
@@ -101,20 +122,38 @@ def _pipeline_comms(c: _Ctx, S: int, schedule: str) -> list[Comm]:
     # forward computations of a stage per step: GPipe once per tick; 1F1B in its forward ticks
     # and again (recomputed) in its backward ticks. Losses and backwards: once per tick.
     fwd = ticks * (2 if schedule == "1f1b" else 1)
-    for axis, n_fwd, n_bwd, what in ((heads, 1 + c.remat, 1, "attention"),
-                                     (mlp, 1, 1, "MLP")):
+    for axis, n_fwd, n_bwd, what in ((heads, 1 + c.remat, 1, "attention"), (mlp, 1, 1, "MLP")):
         if axis:
-            out += [Comm("all-reduce", axis, act, per * fwd * n_fwd,
-                         f"{what} row-parallel output forward, {per} layer(s)"
-                         + (" (+ remat recompute)" if n_fwd > 1 else "")),
-                    Comm("all-reduce", axis, act, per * ticks * n_bwd,
-                         f"{what} column-parallel input gradient backward, {per} layer(s)")]
+            out += [
+                Comm(
+                    "all-reduce",
+                    axis,
+                    act,
+                    per * fwd * n_fwd,
+                    f"{what} row-parallel output forward, {per} layer(s)"
+                    + (" (+ remat recompute)" if n_fwd > 1 else ""),
+                ),
+                Comm(
+                    "all-reduce",
+                    axis,
+                    act,
+                    per * ticks * n_bwd,
+                    f"{what} column-parallel input gradient backward, {per} layer(s)",
+                ),
+            ]
     if vocab:
         tok = c.rows * c.seq * 4
-        out += [Comm("all-reduce", vocab, act, fwd, "embedding vocab-parallel lookup forward"),
-                Comm("all-reduce", vocab, act, ticks, "head input gradient backward"),
-                Comm("all-reduce", vocab, tok, 3 * ticks,
-                     "cross-entropy max, sum of exp, target logit over the split vocabulary")]
+        out += [
+            Comm("all-reduce", vocab, act, fwd, "embedding vocab-parallel lookup forward"),
+            Comm("all-reduce", vocab, act, ticks, "head input gradient backward"),
+            Comm(
+                "all-reduce",
+                vocab,
+                tok,
+                3 * ticks,
+                "cross-entropy max, sum of exp, target logit over the split vocabulary",
+            ),
+        ]
     if c.batch_axes:
         data = _one_axis(c.batch_axes, "the batch split")
         ways = c.mesh[data]
@@ -127,21 +166,44 @@ def _pipeline_comms(c: _Ctx, S: int, schedule: str) -> list[Comm]:
             if arr.role == "embedding" and not lay.split_axes:
                 # jnp.take's transpose (a scatter-add) on a batch-split cotangent: XLA gathers
                 # the cotangent and the ids over the batch axis instead of reducing the table
-                out += [Comm("all-gather", data, c.rows * ways * c.seq * cfg.d_model * c.wire,
-                             ticks, "embedding output gradient gathered for the scatter-add"),
-                        Comm("all-gather", data, c.rows * ways * c.seq * 4, ticks,
-                             "token ids gathered for the embedding scatter-add")]
+                out += [
+                    Comm(
+                        "all-gather",
+                        data,
+                        c.rows * ways * c.seq * cfg.d_model * c.wire,
+                        ticks,
+                        "embedding output gradient gathered for the scatter-add",
+                    ),
+                    Comm(
+                        "all-gather",
+                        data,
+                        c.rows * ways * c.seq * 4,
+                        ticks,
+                        "token ids gathered for the embedding scatter-add",
+                    ),
+                ]
                 continue
             layers = arr.shape[1] if STAGE_AXIS in lay.split_axes else 1
-            out.append(Comm("all-reduce", data, local // layers, ticks * layers,
-                            f"{arr.path} gradient all-reduce every backward tick"
-                            + (f", per layer ({layers})" if layers > 1 else "")))
+            out.append(
+                Comm(
+                    "all-reduce",
+                    data,
+                    local // layers,
+                    ticks * layers,
+                    f"{arr.path} gradient all-reduce every backward tick"
+                    + (f", per layer ({layers})" if layers > 1 else ""),
+                )
+            )
     norm: dict[str, int] = defaultdict(int)
     for lay in c.layouts:
         for a in lay.split_axes:
             norm[a] += 1
-    out += [Comm("all-reduce", a, 4, 2 * k, f"gradient norm partial sums ({k} arrays x clip "
-                 f"and metric)") for a, k in norm.items()]
+    out += [
+        Comm(
+            "all-reduce", a, 4, 2 * k, f"gradient norm partial sums ({k} arrays x clip and metric)"
+        )
+        for a, k in norm.items()
+    ]
     return out
 
 
@@ -156,8 +218,10 @@ def _pipeline_activations(c: _Ctx, S: int, schedule: str, cb: int) -> int:
     cfg = c.cfg
     by_role = {x.array.role: x for x in c.layouts if not x.array.path.startswith("norm")}
     d, f, h, per = cfg.d_model, cfg.hidden, cfg.n_heads, cfg.n_layers // S
-    t_h, t_f, t_v = (by_role[r].split(c.mesh, by_role[r].split_axes - set(c.batch_axes)
-                                      - {STAGE_AXIS}) for r in ("qkv", "up", "head"))
+    t_h, t_f, t_v = (
+        by_role[r].split(c.mesh, by_role[r].split_axes - set(c.batch_axes) - {STAGE_AXIS})
+        for r in ("qkv", "up", "head")
+    )
     tokens = c.rows * c.seq
     x = tokens * d * cb
     block = tokens * cb * (4 * d + (4 * d + h * c.seq) // t_h + 2 * f // t_f)
@@ -168,8 +232,9 @@ def _pipeline_activations(c: _Ctx, S: int, schedule: str, cb: int) -> int:
     return min(c.micro, 2 * S - 1) * x + one
 
 
-def _pipeline_flops(cfg: GPTConfig, tokens: int, seq: int, remat: bool, S: int,
-                    schedule: str) -> tuple[float, float]:
+def _pipeline_flops(
+    cfg: GPTConfig, tokens: int, seq: int, remat: bool, S: int, schedule: str
+) -> tuple[float, float]:
     """(model FLOPs, executed FLOPs): every stage also runs the head (S - 1 wasted copies), and
     1F1B recomputes each stage's forward (blocks and head) inside its ``jax.vjp``."""
     model, executed = _flops(cfg, tokens, seq, remat)

@@ -17,24 +17,36 @@ from typing import Any
 from jmp.errors import ConfigError, JmpError
 from jmp.mesh import fitting_shapes
 from jmp.models.gpt import GPTConfig
-from jmp.plan.devices import Device, get_device
 from jmp.plan.estimate import _NEEDS, STRATEGIES, Estimate, _fmt_time, estimate
+from jmp.plan.hardware import Device, get_device
 from jmp.units import human_bytes
 
 
 def candidate_shapes(strategy: str, n_devices: int, /) -> list[dict[str, int]]:
     """Mesh shapes for ``strategy`` on ``n_devices``, every axis it uses of size > 1."""
     if strategy not in _NEEDS:
-        raise ConfigError(f"Strategy {strategy!r} is not in the planner's cost model, which "
-                          f"covers {', '.join(STRATEGIES)}.")
+        raise ConfigError(
+            f"Strategy {strategy!r} is not in the planner's cost model, which "
+            f"covers {', '.join(STRATEGIES)}."
+        )
     shapes = fitting_shapes(_NEEDS[strategy], n_devices)
     return [s for s in shapes if n_devices == 1 or all(v > 1 for v in s.values())]
 
 
-def search(cfg: GPTConfig, n_devices: int, device: Device | str, /, *, batch_size: int,
-           seq_len: int | None = None, strategies: Sequence[str] = STRATEGIES,
-           microbatches: int = 1, remat: bool | None = None,
-           include_unfit: bool = False, schedule: str = "1f1b") -> list[Estimate]:
+def search(
+    cfg: GPTConfig,
+    n_devices: int,
+    device: Device | str,
+    /,
+    *,
+    batch_size: int,
+    seq_len: int | None = None,
+    strategies: Sequence[str] = STRATEGIES,
+    microbatches: int = 1,
+    remat: bool | None = None,
+    include_unfit: bool = False,
+    schedule: str = "1f1b",
+) -> list[Estimate]:
     """Every (strategy, mesh shape) jmp accepts on ``n_devices``, fitting ones ranked by step time.
 
     A candidate is dropped when ``jmp.rules.preset`` rejects the mesh, a parameter dimension is
@@ -52,16 +64,28 @@ def search(cfg: GPTConfig, n_devices: int, device: Device | str, /, *, batch_siz
         raise ConfigError(f"n_devices={n_devices!r} must be a positive int.")
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
-        raise ConfigError(f"Strategies {unknown} are not in the planner's cost model. Planned "
-                          f"strategies: "
-                          f"{', '.join(STRATEGIES)}.")
+        raise ConfigError(
+            f"Strategies {unknown} are not in the planner's cost model. Planned "
+            f"strategies: "
+            f"{', '.join(STRATEGIES)}."
+        )
     found = []
     for strategy in strategies:
         for shape in candidate_shapes(strategy, n_devices):
             try:
-                found.append(estimate(cfg, shape, strategy, batch_size=batch_size,
-                                      seq_len=seq_len, microbatches=microbatches, remat=remat,
-                                      device=dev, schedule=schedule))
+                found.append(
+                    estimate(
+                        cfg,
+                        shape,
+                        strategy,
+                        batch_size=batch_size,
+                        seq_len=seq_len,
+                        microbatches=microbatches,
+                        remat=remat,
+                        device=dev,
+                        schedule=schedule,
+                    )
+                )
             except JmpError:
                 continue  # the strategy does not apply to this shape: not a candidate
     found.sort(key=lambda e: (not e.fits, e.step_time, e.total_bytes))
@@ -73,12 +97,30 @@ def format_table(estimates: Sequence[Estimate], /, *, title: str = "plan") -> An
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("#", "strategy", "mesh", "memory/device", "fits", "comm/step", "compute",
-                "comm", "step", "MFU"):
+    for col in (
+        "#",
+        "strategy",
+        "mesh",
+        "memory/device",
+        "fits",
+        "comm/step",
+        "compute",
+        "comm",
+        "step",
+        "MFU",
+    ):
         table.add_column(col, justify="left" if col in ("strategy", "mesh") else "right")
     for i, e in enumerate(estimates, 1):
-        table.add_row(str(i), e.strategy, e.mesh, human_bytes(e.total_bytes),
-                      "yes" if e.fits else "no", human_bytes(sum(e.comm_bytes.values())),
-                      _fmt_time(e.compute_time), _fmt_time(e.comm_time),
-                      _fmt_time(e.step_time), f"{e.mfu:.0%}")
+        table.add_row(
+            str(i),
+            e.strategy,
+            e.mesh,
+            human_bytes(e.total_bytes),
+            "yes" if e.fits else "no",
+            human_bytes(sum(e.comm_bytes.values())),
+            _fmt_time(e.compute_time),
+            _fmt_time(e.comm_time),
+            _fmt_time(e.step_time),
+            f"{e.mfu:.0%}",
+        )
     return table

@@ -46,14 +46,18 @@ class Device:
         return int(self.memory_bytes * self.memory_fraction)
 
     def __post_init__(self) -> None:
-        bad = [f"{n}={getattr(self, n)!r}" for n in ("peak_flops", "memory_bytes",
-                                                     "link_bandwidth") if getattr(self, n) <= 0]
+        bad = [
+            f"{n}={getattr(self, n)!r}"
+            for n in ("peak_flops", "memory_bytes", "link_bandwidth")
+            if getattr(self, n) <= 0
+        ]
         if not 0 < self.memory_fraction <= 1:
             bad.append(f"memory_fraction={self.memory_fraction!r} (use a value in (0, 1])")
         if self.platform not in ("gpu", "cpu"):
             bad.append(f"platform={self.platform!r} (use 'gpu' or 'cpu')")
         if bad:
             raise ConfigError(f"Invalid Device {self.name!r}: {', '.join(bad)} must be positive.")
+
 
 MiB, GiB = 2**20, 2**30
 #: Public figures: dense bf16 tensor-core peak FLOP/s; memory as ``nvidia-smi`` reports it (the
@@ -72,7 +76,9 @@ def get_device(name: str | Device, /) -> Device:
     if isinstance(name, Device):
         return name
     if name not in DEVICES:
-        raise ConfigError(f"Unknown device {name!r}. Known devices: {', '.join(DEVICES)}. Fix: "
-                          f"pick one, or pass jmp.plan.Device(name, peak_flops, memory_bytes, "
-                          f"link_bandwidth).")
+        raise ConfigError(
+            f"Unknown device {name!r}. Known devices: {', '.join(DEVICES)}. Fix: "
+            f"pick one, or pass jmp.plan.Device(name, peak_flops, memory_bytes, "
+            f"link_bandwidth)."
+        )
     return DEVICES[name]

@@ -6,24 +6,26 @@ see every device, and a mesh spans all of them. :func:`initialize` wraps
 
 - **Checks before the network**: processes x local devices must equal the devices the mesh
   needs; ids, counts and the coordinator address are validated with the fix in the message.
-- **A rendezvous with names** (:mod:`jmp.rendezvous`): before JAX's coordinator starts, every
+- **A rendezvous with names** (:mod:`jmp.runtime.rendezvous`): before JAX's coordinator
+  starts, every
   process checks in with process 0, so a process that never comes, or an unreachable
   coordinator, is a :class:`DistributedError` naming it after ``timeout_s``, instead of JAX's
   abort (exit 134, ``DEADLINE_EXCEEDED``) a few seconds after its timeout.
 - **A watchdog** on ``jax.distributed.initialize`` itself: should it still hang after the
   rendezvous, the process prints a clear line and exits with :data:`EXIT_TIMEOUT`.
-- **A peer guard** (:mod:`jmp.rendezvous`) while the job runs: when a process dies or fails,
+- **A peer guard** (:mod:`jmp.runtime.rendezvous`) while the job runs: when a process dies or fails,
   its peers exit at once with :data:`EXIT_PEER_LOST`, naming it, instead of waiting in a
   collective for JAX's heartbeat timeout or minutes in JAX's shutdown barrier.
 
-The launcher (:mod:`jmp.launch`) and cluster jobs pass the settings as environment variables:
+The launcher (:mod:`jmp.runtime.launch`) and cluster jobs pass the settings as environment
+variables:
 ``JMP_COORDINATOR`` (``host:port`` of process 0), ``JMP_NUM_PROCESSES``, ``JMP_PROCESS_ID``,
 ``JMP_LOCAL_DEVICES`` and ``JMP_TIMEOUT``; ``JMP_DISTRIBUTED=auto`` lets JAX detect SLURM,
 Open MPI and the other clusters it knows.
 
 Example:
-    >>> import jmp.distributed
-    >>> cluster = jmp.distributed.initialize(
+    >>> import jmp.runtime.distributed
+    >>> cluster = jmp.runtime.distributed.initialize(
     ...     coordinator_address="10.0.0.1:61234", num_processes=2, process_id=0,
     ...     local_device_count=4, expected_devices="data=2,model=4")
     >>> mesh = jmp.make_mesh("data=2,model=4")   # spans both processes
@@ -40,11 +42,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 
-from jmp import rendezvous
+from jmp.runtime import rendezvous
 
-# Defined in jmp.rendezvous (its messages name them; it must not import this module), public
-# here: `from jmp.distributed import ENV_COORDINATOR` is how the launcher and users get them.
-from jmp.rendezvous import (
+# Defined in jmp.runtime.rendezvous (its messages name them; it must not import this
+# module), public here: `from jmp.runtime.distributed import ENV_COORDINATOR` is how the
+# launcher and users get them.
+from jmp.runtime.rendezvous import (
     ENV_AUTO,
     ENV_COORDINATOR,
     ENV_LOCAL_DEVICES,
@@ -53,7 +56,7 @@ from jmp.rendezvous import (
     ENV_TIMEOUT,
     DistributedError,
 )
-from jmp.rendezvous import EXIT_PEER_LOST as EXIT_PEER_LOST
+from jmp.runtime.rendezvous import EXIT_PEER_LOST as EXIT_PEER_LOST
 
 DEFAULT_TIMEOUT_S = 60.0
 EXIT_TIMEOUT = 4
@@ -95,10 +98,16 @@ def cluster() -> Cluster | None:
     return _cluster
 
 
-def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_count: int | None = None,
-               timeout_s: float | None = None, expected_devices: Any = None,
-               heartbeat_timeout_s: float | None = None) -> Cluster:
+def initialize(
+    *,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_count: int | None = None,
+    timeout_s: float | None = None,
+    expected_devices: Any = None,
+    heartbeat_timeout_s: float | None = None,
+) -> Cluster:
     """Join this process to the others of the job; call it before any JAX operation.
 
     Each argument left ``None`` is read from its ``JMP_*`` environment variable; with no
@@ -127,8 +136,9 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
             coordinator within ``timeout_s`` (the message names them).
     """
     global _cluster
-    settings = _Settings.resolve(coordinator_address, num_processes, process_id,
-                                 local_device_count, timeout_s)
+    settings = _Settings.resolve(
+        coordinator_address, num_processes, process_id, local_device_count, timeout_s
+    )
     settings.check_devices(expected_devices)
     if _cluster is not None:
         return _already(settings)
@@ -141,8 +151,9 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
         _cluster = _finish_single(settings, expected_devices)
         return _cluster
     me = settings.member()
-    check = None if expected_devices is None else functools.partial(_counts_problem,
-                                                                    expected_devices)
+    check = (
+        None if expected_devices is None else functools.partial(_counts_problem, expected_devices)
+    )
     peers, hosts = rendezvous.check_in(me, check_counts=check)
     hb = max(10.0, heartbeat_timeout_s or settings.timeout_s)
     _start_jax(settings, hb)
@@ -172,10 +183,10 @@ def same_on_all(text: str, /, *, max_bytes: int = 1024) -> str:
         raise DistributedError(f"same_on_all: {len(raw)} bytes > max_bytes={max_bytes}.")
     buf = np.zeros(max_bytes + 4, np.uint8)
     buf[:4] = np.frombuffer(len(raw).to_bytes(4, "little"), np.uint8)
-    buf[4:4 + len(raw)] = np.frombuffer(raw, np.uint8)
+    buf[4 : 4 + len(raw)] = np.frombuffer(raw, np.uint8)
     out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
     n = int.from_bytes(out[:4].tobytes(), "little")
-    return out[4:4 + n].tobytes().decode()
+    return out[4 : 4 + n].tobytes().decode()
 
 
 # --- settings -----------------------------------------------------------------------------
@@ -191,16 +202,24 @@ class _Settings:
     local_device_ids: tuple[int, ...] | None = None
 
     @classmethod
-    def resolve(cls, coordinator: str | None, num_processes: int | None,
-                process_id: int | None, local_devices: int | None,
-                timeout_s: float | None) -> _Settings:
+    def resolve(
+        cls,
+        coordinator: str | None,
+        num_processes: int | None,
+        process_id: int | None,
+        local_devices: int | None,
+        timeout_s: float | None,
+    ) -> _Settings:
         env = os.environ
         coordinator = coordinator or env.get(ENV_COORDINATOR) or None
         num_processes = _pick(num_processes, ENV_NUM_PROCESSES, "num_processes")
         process_id = _pick(process_id, ENV_PROCESS_ID, "process_id")
         local_devices = _pick(local_devices, ENV_LOCAL_DEVICES, "local_device_count")
-        timeout = timeout_s if timeout_s is not None else float(
-            _pick(None, ENV_TIMEOUT, "timeout_s", kind=float) or DEFAULT_TIMEOUT_S)
+        timeout = (
+            timeout_s
+            if timeout_s is not None
+            else float(_pick(None, ENV_TIMEOUT, "timeout_s", kind=float) or DEFAULT_TIMEOUT_S)
+        )
         settings = cls(coordinator, num_processes, process_id, local_devices, float(timeout))
         if num_processes == 1 and process_id in (None, 0):
             return cls(None, 1, 0, local_devices, float(timeout))
@@ -215,22 +234,38 @@ class _Settings:
             from jax._src.clusters import ClusterEnv
 
             coord, n, pid, ids = ClusterEnv.auto_detect_unset_distributed_params(
-                None, None, None, None, None, int(self.timeout_s))
+                None, None, None, None, None, int(self.timeout_s)
+            )
         except Exception as err:  # noqa: BLE001 - any failure means "not detected"
-            raise DistributedError(f"Cluster detection failed ({type(err).__name__}: {err}). "
-                                   f"Fix: {_HOW_TO_SET}") from None
+            raise DistributedError(
+                f"Cluster detection failed ({type(err).__name__}: {err}). Fix: {_HOW_TO_SET}"
+            ) from None
         if coord is None or n is None or pid is None:
-            raise DistributedError(f"No cluster detected (no SLURM, Open MPI or other job "
-                                   f"environment JAX knows) and no {ENV_COORDINATOR}. Fix: "
-                                   f"{_HOW_TO_SET}")
-        return _Settings(coord, int(n), int(pid), self.local_devices, self.timeout_s,
-                         tuple(ids) if ids is not None else None)
+            raise DistributedError(
+                f"No cluster detected (no SLURM, Open MPI or other job "
+                f"environment JAX knows) and no {ENV_COORDINATOR}. Fix: "
+                f"{_HOW_TO_SET}"
+            )
+        return _Settings(
+            coord,
+            int(n),
+            int(pid),
+            self.local_devices,
+            self.timeout_s,
+            tuple(ids) if ids is not None else None,
+        )
 
     def _validate(self) -> None:
         problems = []
-        missing = [name for name, v in (("coordinator_address", self.coordinator),
-                                        ("num_processes", self.num_processes),
-                                        ("process_id", self.process_id)) if v is None]
+        missing = [
+            name
+            for name, v in (
+                ("coordinator_address", self.coordinator),
+                ("num_processes", self.num_processes),
+                ("process_id", self.process_id),
+            )
+            if v is None
+        ]
         if missing:
             problems.append(f"{', '.join(missing)} not given")
         n, pid = self.num_processes, self.process_id
@@ -248,31 +283,42 @@ class _Settings:
             except ValueError as err:
                 problems.append(str(err))
         if problems:
-            raise DistributedError("Invalid distributed settings: " + "; ".join(problems)
-                                   + f". Fix: {_HOW_TO_SET}")
+            raise DistributedError(
+                "Invalid distributed settings: " + "; ".join(problems) + f". Fix: {_HOW_TO_SET}"
+            )
 
     def check_devices(self, expected: Any) -> None:
         """Processes x local devices against the devices (or mesh) asked for, before starting."""
         if expected is None or self.local_devices is None or self.num_processes is None:
             return
-        _check_total(expected, self.num_processes * self.local_devices,
-                     f"{self.num_processes} processes x {self.local_devices} local devices",
-                     self.num_processes)
+        _check_total(
+            expected,
+            self.num_processes * self.local_devices,
+            f"{self.num_processes} processes x {self.local_devices} local devices",
+            self.num_processes,
+        )
 
     def member(self) -> rendezvous.Member:
         """This process for the rendezvous (validated: only ``local_devices`` may be None)."""
-        return rendezvous.Member(self.coordinator or "", self.process_id or 0,
-                                 self.num_processes or 1, self.local_devices, self.timeout_s)
+        return rendezvous.Member(
+            self.coordinator or "",
+            self.process_id or 0,
+            self.num_processes or 1,
+            self.local_devices,
+            self.timeout_s,
+        )
 
     @property
     def where(self) -> str:
         return f"process {self.process_id} of {self.num_processes}"
 
 
-_HOW_TO_SET = (f"pass coordinator_address='host:port', num_processes and process_id, or set "
-               f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID} (and "
-               f"{ENV_LOCAL_DEVICES}) in every process's environment, or start the job with "
-               f"`jmp launch` (one machine) or srun with {ENV_AUTO}=auto (SLURM).")
+_HOW_TO_SET = (
+    f"pass coordinator_address='host:port', num_processes and process_id, or set "
+    f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID} (and "
+    f"{ENV_LOCAL_DEVICES}) in every process's environment, or start the job with "
+    f"`jmp launch` (one machine) or srun with {ENV_AUTO}=auto (SLURM)."
+)
 
 
 def _pick(value: Any, env_name: str, name: str, kind: type = int) -> Any:
@@ -286,8 +332,10 @@ def _pick(value: Any, env_name: str, name: str, kind: type = int) -> Any:
     try:
         return kind(text)
     except ValueError:
-        raise DistributedError(f"Environment variable {env_name}={text!r} is not "
-                               f"{'an integer' if kind is int else 'a number'}.") from None
+        raise DistributedError(
+            f"Environment variable {env_name}={text!r} is not "
+            f"{'an integer' if kind is int else 'a number'}."
+        ) from None
 
 
 def _check_total(expected: Any, total: int, how: str, num_processes: int) -> None:
@@ -298,7 +346,8 @@ def _check_total(expected: Any, total: int, how: str, num_processes: int) -> Non
         if expected != total:
             raise DistributedError(
                 f"{expected} devices were asked for, but {how} give {total}. "
-                f"{_fix_counts(expected, num_processes)}")
+                f"{_fix_counts(expected, num_processes)}"
+            )
         return
     # not a count: a mesh spec, or a bad value (a bool too) that parsing the spec rejects
     spec = cast(MeshSpec, expected)
@@ -309,8 +358,11 @@ def _check_total(expected: Any, total: int, how: str, num_processes: int) -> Non
 
         sizes = parse_mesh_spec(spec).values()
         need = math.prod(sizes) if -1 not in sizes else None
-        fix = _fix_counts(need, num_processes) if need else (
-            "Fix: change the mesh or the process/device counts.")
+        fix = (
+            _fix_counts(need, num_processes)
+            if need
+            else ("Fix: change the mesh or the process/device counts.")
+        )
         raise DistributedError(f"{err} (Devices: {how} = {total}.) {fix}") from None
 
 
@@ -328,8 +380,10 @@ def _counts_problem(expected: Any, counts: list[int]) -> str | None:
 
 def _fix_counts(need: int, num_processes: int) -> str:
     if need % num_processes == 0:
-        return (f"Fix: give each of the {num_processes} processes {need // num_processes} "
-                f"devices (--local-devices {need // num_processes}), or change the mesh.")
+        return (
+            f"Fix: give each of the {num_processes} processes {need // num_processes} "
+            f"devices (--local-devices {need // num_processes}), or change the mesh."
+        )
     return f"Fix: use a process count that divides {need}, or change the mesh."
 
 
@@ -337,20 +391,27 @@ def _check_backend_not_started() -> None:
     from jmp.devices import backend_started
 
     if backend_started():
-        raise DistributedError("JAX's backend already started in this process, so it can no "
-                               "longer join other processes. Fix: call "
-                               "jmp.distributed.initialize() first, before any JAX operation "
-                               "(creating an array, jax.devices(), a jitted call).")
+        raise DistributedError(
+            "JAX's backend already started in this process, so it can no "
+            "longer join other processes. Fix: call "
+            "jmp.runtime.distributed.initialize() first, before any JAX "
+            "operation "
+            "(creating an array, jax.devices(), a jitted call)."
+        )
 
 
 def _already(settings: _Settings) -> Cluster:
     assert _cluster is not None
-    same = (settings.num_processes in (None, _cluster.num_processes)
-            and settings.process_id in (None, _cluster.process_id))
+    same = settings.num_processes in (None, _cluster.num_processes) and settings.process_id in (
+        None,
+        _cluster.process_id,
+    )
     if not same:
-        raise DistributedError(f"jmp.distributed.initialize was already called as process "
-                               f"{_cluster.process_id} of {_cluster.num_processes}; it cannot "
-                               f"start again as {settings.where}. Fix: call it once.")
+        raise DistributedError(
+            f"jmp.runtime.distributed.initialize was already called as process "
+            f"{_cluster.process_id} of {_cluster.num_processes}; it cannot "
+            f"start again as {settings.where}. Fix: call it once."
+        )
     return _cluster
 
 
@@ -369,21 +430,25 @@ def _finish_single(settings: _Settings, expected: Any) -> Cluster:
 def _start_jax(settings: _Settings, heartbeat_s: float) -> None:
     import jax
 
-    watchdog = _Watchdog(settings.timeout_s, f"{settings.where}: JAX's distributed start "
-                         f"(coordinator {settings.coordinator}) did not finish within "
-                         f"{settings.timeout_s:g} s although every process had checked in; a "
-                         f"process stopped, or the network blocks the coordinator's port. "
-                         f"Stopping.")
+    watchdog = _Watchdog(
+        settings.timeout_s,
+        f"{settings.where}: JAX's distributed start "
+        f"(coordinator {settings.coordinator}) did not finish within "
+        f"{settings.timeout_s:g} s although every process had checked in; a "
+        f"process stopped, or the network blocks the coordinator's port. "
+        f"Stopping.",
+    )
     with watchdog:
         jax.distributed.initialize(
-            coordinator_address=settings.coordinator, num_processes=settings.num_processes,
+            coordinator_address=settings.coordinator,
+            num_processes=settings.num_processes,
             process_id=settings.process_id,
-            local_device_ids=list(settings.local_device_ids) if settings.local_device_ids
-            else None,
+            local_device_ids=list(settings.local_device_ids) if settings.local_device_ids else None,
             # JAX aborts (exit 134) when its own timeout passes: keep it behind the watchdog's
             initialization_timeout=int(math.ceil(settings.timeout_s)) + 30,
             heartbeat_timeout_seconds=int(math.ceil(heartbeat_s)),
-            shutdown_timeout_seconds=int(math.ceil(max(settings.timeout_s, 10))))
+            shutdown_timeout_seconds=int(math.ceil(max(settings.timeout_s, 10))),
+        )
         jax.devices()  # starts the backend: the processes exchange their devices here
 
 
@@ -411,12 +476,13 @@ def _verify(settings: _Settings, expected: Any, hosts: list) -> Cluster:
     if n != settings.num_processes or jax.process_index() != settings.process_id:
         problems.append(f"JAX sees process {jax.process_index()} of {n}")
     if settings.local_devices is not None and local != settings.local_devices:
-        problems.append(f"{local} local devices ({jax.local_devices()[0].platform}) instead of "
-                        f"{settings.local_devices}; on GPUs, CUDA_VISIBLE_DEVICES or the "
-                        f"scheduler's GPU binding decides")
+        problems.append(
+            f"{local} local devices ({jax.local_devices()[0].platform}) instead of "
+            f"{settings.local_devices}; on GPUs, CUDA_VISIBLE_DEVICES or the "
+            f"scheduler's GPU binding decides"
+        )
     if problems:
         raise DistributedError(f"{settings.where}: " + "; ".join(problems) + ".")
     if expected is not None:
         _check_total(expected, total, f"the {n} processes' {total} devices", n)
-    return Cluster(settings.process_id or 0, n, local, total, settings.coordinator,
-                   tuple(hosts))
+    return Cluster(settings.process_id or 0, n, local, total, settings.coordinator, tuple(hosts))

@@ -1,6 +1,6 @@
 """Who is there, and who left: the processes of a job find each other, then watch each other.
 
-Two halves of one conversation over plain TCP sockets, held by :mod:`jmp.distributed` (which
+Two halves of one conversation over plain TCP sockets, held by :mod:`jmp.runtime.distributed` (which
 settles the settings and starts JAX; this module knows nothing of JAX or meshes):
 
 - **Check-in** (:func:`check_in`), before JAX's coordinator starts: process 0 listens on the
@@ -16,10 +16,11 @@ settles the settings and starts JAX; this module knows nothing of JAX or meshes)
 
 The names both modules share (:class:`DistributedError`, the ``JMP_*`` variables, the exit
 code) are defined here, the lower module, so that the imports point one way
-(``distributed -> rendezvous``); :mod:`jmp.distributed` re-exports them as their public home.
+(``distributed -> rendezvous``); :mod:`jmp.runtime.distributed` re-exports them as their
+public home.
 
 Example (two processes on one machine; each runs its own half):
-    >>> from jmp.rendezvous import Member, check_in, start_guard
+    >>> from jmp.runtime.rendezvous import Member, check_in, start_guard
     >>> me = Member("127.0.0.1:61234", process_id=0, num_processes=2, local_devices=4,
     ...             timeout_s=60.0)
     >>> peers, hosts = check_in(me)           # process 1 runs it with process_id=1
@@ -44,7 +45,8 @@ from typing import Any, NoReturn, cast
 from jmp.errors import JmpError
 
 # The environment a job's processes are started with (by `jmp launch`, or a cluster script).
-# They belong to jmp.distributed's settings; they live here because check-in errors name them.
+# They belong to jmp.runtime.distributed's settings; they live here because check-in errors
+# name them.
 ENV_COORDINATOR = "JMP_COORDINATOR"
 ENV_NUM_PROCESSES = "JMP_NUM_PROCESSES"
 ENV_PROCESS_ID = "JMP_PROCESS_ID"
@@ -76,16 +78,18 @@ def split_address(address: str) -> tuple[str, int]:
     """``"host:port"`` as ``(host, port)``; ``ValueError`` naming the address otherwise."""
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"coordinator_address={address!r} is not 'host:port' (e.g. "
-                         f"'10.0.0.1:61234')")
+        raise ValueError(
+            f"coordinator_address={address!r} is not 'host:port' (e.g. '10.0.0.1:61234')"
+        )
     return host.strip("[]"), int(port)  # brackets: an IPv6 literal, "[::1]:61234"
 
 
 # --- check-in: who is there, before JAX's coordinator starts -------------------------------
 
 
-def check_in(me: Member, *, check_counts: Callable[[list[int]], str | None] | None = None
-             ) -> tuple[dict[int, socket.socket], list]:
+def check_in(
+    me: Member, *, check_counts: Callable[[list[int]], str | None] | None = None
+) -> tuple[dict[int, socket.socket], list]:
     """Meet the job's other processes at the coordinator; every process calls it.
 
     Args:
@@ -128,26 +132,36 @@ def _read_line(sock: socket.socket, deadline: float) -> dict[str, Any] | None:
 
 
 def _hello(me: Member) -> dict[str, Any]:
-    return {"jmp": _PROTOCOL, "process_id": me.process_id, "num_processes": me.num_processes,
-            "local_devices": me.local_devices, "host": socket.gethostname(), "pid": os.getpid()}
+    return {
+        "jmp": _PROTOCOL,
+        "process_id": me.process_id,
+        "num_processes": me.num_processes,
+        "local_devices": me.local_devices,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
 
 
 def _listen(me: Member) -> socket.socket:
     _, port = split_address(me.coordinator)
     try:
         if socket.has_dualstack_ipv6():
-            return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True,
-                                        reuse_port=False)
+            return socket.create_server(
+                ("", port), family=socket.AF_INET6, dualstack_ipv6=True, reuse_port=False
+            )
         return socket.create_server(("", port))
     except OSError as err:
-        raise DistributedError(f"Process 0 cannot listen on port {port} of the coordinator "
-                               f"address {me.coordinator!r}: {err.strerror}. Fix: choose "
-                               f"a free port (`jmp launch` picks one), or stop the program "
-                               f"that holds it.") from None
+        raise DistributedError(
+            f"Process 0 cannot listen on port {port} of the coordinator "
+            f"address {me.coordinator!r}: {err.strerror}. Fix: choose "
+            f"a free port (`jmp launch` picks one), or stop the program "
+            f"that holds it."
+        ) from None
 
 
-def _serve(me: Member, check_counts: Callable[[list[int]], str | None] | None
-           ) -> tuple[dict[int, socket.socket], list]:
+def _serve(
+    me: Member, check_counts: Callable[[list[int]], str | None] | None
+) -> tuple[dict[int, socket.socket], list]:
     """Process 0: wait for every other process to check in; tell them all the outcome."""
     n = me.num_processes
     hellos: dict[int, dict[str, Any]] = {0: _hello(me)}
@@ -180,8 +194,13 @@ def _serve(me: Member, check_counts: Callable[[list[int]], str | None] | None
     return socks, hosts
 
 
-def _admit(conn: socket.socket, me: Member, hellos: dict[int, dict[str, Any]],
-           socks: dict[int, socket.socket], deadline: float) -> str | None:
+def _admit(
+    conn: socket.socket,
+    me: Member,
+    hellos: dict[int, dict[str, Any]],
+    socks: dict[int, socket.socket],
+    deadline: float,
+) -> str | None:
     """Read one process's hello; a problem that stops the whole job is returned as text."""
     try:
         hello = _read_line(conn, min(deadline, time.monotonic() + 10))
@@ -194,12 +213,16 @@ def _admit(conn: socket.socket, me: Member, hellos: dict[int, dict[str, Any]],
     pid, n = cast(int, hello.get("process_id")), hello.get("num_processes")
     who = f"process {pid} ({hello.get('host')}, pid {hello.get('pid')})"
     if n != me.num_processes:
-        problem = (f"{who} was started with num_processes={n}, process 0 with "
-                   f"{me.num_processes}. Fix: give every process the same count.")
+        problem = (
+            f"{who} was started with num_processes={n}, process 0 with "
+            f"{me.num_processes}. Fix: give every process the same count."
+        )
     elif pid in hellos:
-        problem = (f"Two processes claim process_id={pid}: {who} and one on "
-                   f"{hellos[pid].get('host')} with pid {hellos[pid].get('pid')}. Fix: give each "
-                   f"process its own id, 0..{me.num_processes - 1}.")
+        problem = (
+            f"Two processes claim process_id={pid}: {who} and one on "
+            f"{hellos[pid].get('host')} with pid {hellos[pid].get('pid')}. Fix: give each "
+            f"process its own id, 0..{me.num_processes - 1}."
+        )
     else:
         hellos[pid], socks[pid] = hello, conn
         return None
@@ -212,12 +235,14 @@ def _missing_message(me: Member, hellos: dict[int, dict[str, Any]]) -> str:
     missing = [i for i in range(n) if i not in hellos]
     arrived = ", ".join(f"{i} ({h['host']})" for i, h in sorted(hellos.items()))
     names = ", ".join(map(str, missing))
-    return (f"Timed out after {me.timeout_s:g} s waiting for process(es) {names} of "
-            f"{n} to reach the coordinator {me.coordinator} (checked in: {arrived}). Fix: "
-            f"start every process with the same {ENV_COORDINATOR}/{ENV_NUM_PROCESSES} and its "
-            f"own {ENV_PROCESS_ID}; check that they can reach this host and port (a process "
-            f"that stopped on an error of its own says so in its output); or raise the "
-            f"timeout ({ENV_TIMEOUT}).")
+    return (
+        f"Timed out after {me.timeout_s:g} s waiting for process(es) {names} of "
+        f"{n} to reach the coordinator {me.coordinator} (checked in: {arrived}). Fix: "
+        f"start every process with the same {ENV_COORDINATOR}/{ENV_NUM_PROCESSES} and its "
+        f"own {ENV_PROCESS_ID}; check that they can reach this host and port (a process "
+        f"that stopped on an error of its own says so in its output); or raise the "
+        f"timeout ({ENV_TIMEOUT})."
+    )
 
 
 def _join(me: Member) -> tuple[dict[int, socket.socket], list]:
@@ -234,7 +259,8 @@ def _join(me: Member) -> tuple[dict[int, socket.socket], list]:
                 f"({_reason(last)}). Fix: start process 0 (it listens there; if it stopped on "
                 f"an error, its output says why), check the host "
                 f"and port in {ENV_COORDINATOR} and that no firewall blocks them, or raise the "
-                f"timeout ({ENV_TIMEOUT}).")
+                f"timeout ({ENV_TIMEOUT})."
+            )
         try:
             sock = socket.create_connection((host, port), timeout=min(left, 5))
             break
@@ -246,14 +272,18 @@ def _join(me: Member) -> tuple[dict[int, socket.socket], list]:
         reply = _read_line(sock, deadline + 5)  # process 0 answers at its own deadline
     except (TimeoutError, OSError) as err:
         sock.close()
-        raise DistributedError(f"Process {me.process_id}: no answer from the coordinator "
-                               f"{me.coordinator} within {me.timeout_s:g} s "
-                               f"({_reason(err)}).") from None
+        raise DistributedError(
+            f"Process {me.process_id}: no answer from the coordinator "
+            f"{me.coordinator} within {me.timeout_s:g} s "
+            f"({_reason(err)})."
+        ) from None
     if reply is None or "ok" not in reply:
         sock.close()
-        raise DistributedError(f"Process {me.process_id}: the coordinator "
-                               f"{me.coordinator} closed the connection without an "
-                               f"answer (is it a jmp process 0 of this job?).")
+        raise DistributedError(
+            f"Process {me.process_id}: the coordinator "
+            f"{me.coordinator} closed the connection without an "
+            f"answer (is it a jmp process 0 of this job?)."
+        )
     if not reply["ok"]:
         sock.close()
         raise DistributedError(f"Process 0 stopped the job: {reply.get('error')}")
@@ -281,8 +311,9 @@ class _PeerGuard:
     process is still running ``grace_s`` later, that peer left too early and this one stops.
     """
 
-    def __init__(self, me: int, peers: dict[int, socket.socket], hosts: list,
-                 grace_s: float) -> None:
+    def __init__(
+        self, me: int, peers: dict[int, socket.socket], hosts: list, grace_s: float
+    ) -> None:
         self.me, self.peers, self.hosts, self.grace_s = me, peers, hosts, grace_s
         self.exiting = False
         self.bye: dict[int, float] = {}
@@ -350,15 +381,19 @@ class _PeerGuard:
             return
         if pid in self.bye:
             return  # it said goodbye: _check_bye decides whether it left too early
-        self._stop(f"{self._name(pid)} disconnected without finishing: it was killed or "
-                   f"crashed (see its output).")
+        self._stop(
+            f"{self._name(pid)} disconnected without finishing: it was killed or "
+            f"crashed (see its output)."
+        )
 
     def _check_bye(self) -> None:
         now = time.monotonic()
         for pid, since in list(self.bye.items()):
             if not self.exiting and now - since > self.grace_s:
-                self._stop(f"{self._name(pid)} exited {now - since:.0f} s ago while this "
-                           f"process is still running: it stopped early (see its output).")
+                self._stop(
+                    f"{self._name(pid)} exited {now - since:.0f} s ago while this "
+                    f"process is still running: it stopped early (see its output)."
+                )
 
     def _stop(self, reason: str) -> None:
         if self.exiting:
@@ -372,8 +407,7 @@ _guard: _PeerGuard | None = None
 FAIL_SETTLE_S = 0.5
 
 
-def start_guard(me: int, peers: dict[int, socket.socket], hosts: list, *,
-                grace_s: float) -> None:
+def start_guard(me: int, peers: dict[int, socket.socket], hosts: list, *, grace_s: float) -> None:
     """Watch ``peers`` (from :func:`check_in`) until this process exits; once per process.
 
     A peer lost, or failed, exits this process with :data:`EXIT_PEER_LOST`; a peer that said

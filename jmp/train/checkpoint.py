@@ -27,8 +27,9 @@ class CheckpointError(JmpError):
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
     """A tree of ``jax.ShapeDtypeStruct`` with ``shardings``: the restore target."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 class Checkpointer:
@@ -37,17 +38,23 @@ class Checkpointer:
     def __init__(self, directory: str, /, *, max_to_keep: int = 3, create: bool = True) -> None:
         directory = os.path.abspath(directory)  # orbax needs absolute paths
         if not create and not os.path.isdir(directory):
-            raise CheckpointError(f"Checkpoint folder {directory!r} does not exist. Fix: check "
-                                  f"the run folder, or train without --resume first.")
+            raise CheckpointError(
+                f"Checkpoint folder {directory!r} does not exist. Fix: check "
+                f"the run folder, or train without --resume first."
+            )
         self.directory = directory
         self.manager = ocp.CheckpointManager(
-            directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                                            create=create))
+            directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+        )
 
     def save(self, step: int, state: Any, *, meta: dict[str, Any]) -> None:
         """Start saving asynchronously (training goes on); :meth:`wait` to block."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)))
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+        )
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -59,18 +66,22 @@ class Checkpointer:
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         except Exception as err:  # orbax raises many types for unreadable files
-            raise CheckpointError(f"Cannot read the configs of checkpoint step {step} in "
-                                  f"{self.directory!r}: {err}") from None
+            raise CheckpointError(
+                f"Cannot read the configs of checkpoint step {step} in {self.directory!r}: {err}"
+            ) from None
         return dict(out["meta"])
 
     def restore(self, step: int, *, target: Any) -> Any:
         """Restore the state of ``step`` into ``target``'s shapes, dtypes and shardings."""
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target)))
+            out = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            )
         except Exception as err:
-            raise CheckpointError(f"Cannot restore checkpoint step {step} from "
-                                  f"{self.directory!r}: {type(err).__name__}: {err}") from None
+            raise CheckpointError(
+                f"Cannot restore checkpoint step {step} from "
+                f"{self.directory!r}: {type(err).__name__}: {err}"
+            ) from None
         return out["state"]
 
     def close(self) -> None:

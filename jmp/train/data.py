@@ -32,8 +32,9 @@ DEFAULT_MAX_BYTES = 8_000_000
 def default_corpus_files() -> list[str]:
     """The standard library's ``.py`` files on this machine, sorted (deterministic)."""
     root = sysconfig.get_paths()["stdlib"]
-    files = sorted(glob.glob(os.path.join(root, "*.py")) +
-                   glob.glob(os.path.join(root, "*", "*.py")))
+    files = sorted(
+        glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "*", "*.py"))
+    )
     return [f for f in files if "site-packages" not in f]
 
 
@@ -42,14 +43,19 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
     files: list[str] = []
     for path in paths:
         if os.path.isdir(path):
-            found = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                           if os.path.isfile(p))
+            found = sorted(
+                p
+                for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                if os.path.isfile(p)
+            )
         else:
             found = sorted(p for p in glob.glob(path) if os.path.isfile(p))
         if not found:
-            raise ConfigError(f"Data path {path!r} matches no file. Fix: pass an existing file, "
-                              f"folder or glob (e.g. 'texts/*.txt'), or omit --data to use the "
-                              f"Python standard library's sources.")
+            raise ConfigError(
+                f"Data path {path!r} matches no file. Fix: pass an existing file, "
+                f"folder or glob (e.g. 'texts/*.txt'), or omit --data to use the "
+                f"Python standard library's sources."
+            )
         files += found
     return files
 
@@ -62,8 +68,10 @@ def read_bytes(files: Sequence[str], max_bytes: int = DEFAULT_MAX_BYTES) -> np.n
             with open(name, "rb") as f:
                 blob = f.read(max_bytes - total)
         except OSError as err:
-            raise ConfigError(f"Cannot read data file {name!r}: {err.strerror}. Fix: check "
-                              f"the path and its permissions.") from None
+            raise ConfigError(
+                f"Cannot read data file {name!r}: {err.strerror}. Fix: check "
+                f"the path and its permissions."
+            ) from None
         chunks.append(blob + b"\n")
         total += len(blob) + 1
         if total >= max_bytes:
@@ -79,12 +87,19 @@ class TextData:
     val: np.ndarray
 
     @classmethod
-    def from_paths(cls, paths: Sequence[str] | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES,
-                   val_fraction: float = 0.05) -> TextData:
+    def from_paths(
+        cls,
+        paths: Sequence[str] | None = None,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        val_fraction: float = 0.05,
+    ) -> TextData:
         files = default_corpus_files() if not paths else expand_paths(paths)
         if not files:
-            raise ConfigError("No data files found (the standard library's sources are missing "
-                              "on this machine). Fix: pass --data PATH.")
+            raise ConfigError(
+                "No data files found (the standard library's sources are missing "
+                "on this machine). Fix: pass --data PATH."
+            )
         tokens = read_bytes(files, max_bytes)
         return cls.from_tokens(tokens, val_fraction=val_fraction)
 
@@ -97,12 +112,22 @@ class TextData:
         """Raise if either split is too short for one sequence of ``seq_len + 1`` tokens."""
         for name, part in (("train", self.train), ("validation", self.val)):
             if len(part) < seq_len + 2:
-                raise ConfigError(f"The {name} split has {len(part)} bytes, fewer than one "
-                                  f"sequence of {seq_len + 1}. Fix: give more text or a "
-                                  f"shorter --seq.")
+                raise ConfigError(
+                    f"The {name} split has {len(part)} bytes, fewer than one "
+                    f"sequence of {seq_len + 1}. Fix: give more text or a "
+                    f"shorter --seq."
+                )
 
-    def rows(self, step: int, rows: Sequence[int], *, batch_size: int, seq_len: int, seed: int,
-             split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    def rows(
+        self,
+        step: int,
+        rows: Sequence[int],
+        *,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        split: str = "train",
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Inputs and next-byte targets for the given rows of the global batch of ``step``."""
         tokens = self.train if split == "train" else self.val
         rng = np.random.default_rng([seed, step, 0 if split == "train" else 1])
@@ -110,16 +135,29 @@ class TextData:
         window = tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
         return window[:, :-1], window[:, 1:]
 
-    def batch(self, step: int, /, *, batch_size: int, seq_len: int, mesh: Mesh, rules: Rules,
-              seed: int = 0, split: str = "train") -> tuple[jax.Array, jax.Array]:
+    def batch(
+        self,
+        step: int,
+        /,
+        *,
+        batch_size: int,
+        seq_len: int,
+        mesh: Mesh,
+        rules: Rules,
+        seed: int = 0,
+        split: str = "train",
+    ) -> tuple[jax.Array, jax.Array]:
         """The global batch of ``step`` as two ``(batch, seq)`` arrays sharded over data axes."""
         sharding = batch_sharding(mesh, rules)
         shape = (batch_size, seq_len)
         local = local_rows(sharding, shape)
-        x, y = self.rows(step, local, batch_size=batch_size, seq_len=seq_len, seed=seed,
-                         split=split)
-        return (jax.make_array_from_process_local_data(sharding, x, shape),
-                jax.make_array_from_process_local_data(sharding, y, shape))
+        x, y = self.rows(
+            step, local, batch_size=batch_size, seq_len=seq_len, seed=seed, split=split
+        )
+        return (
+            jax.make_array_from_process_local_data(sharding, x, shape),
+            jax.make_array_from_process_local_data(sharding, y, shape),
+        )
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

@@ -21,8 +21,17 @@ from jmp.models.gpt import GPT
 from jmp.rules import Rules
 
 
-def generate(model: GPT, prompt: str, /, *, mesh: Mesh, rules: Rules,
-             max_new_tokens: int = 200, temperature: float = 0.0, seed: int = 0) -> str:
+def generate(
+    model: GPT,
+    prompt: str,
+    /,
+    *,
+    mesh: Mesh,
+    rules: Rules,
+    max_new_tokens: int = 200,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> str:
     """Continue ``prompt`` by ``max_new_tokens`` bytes; ``temperature=0`` is greedy."""
     if temperature < 0:
         raise ConfigError(f"temperature={temperature} must be >= 0 (0 means greedy).")
@@ -43,7 +52,7 @@ def generate(model: GPT, prompt: str, /, *, mesh: Mesh, rules: Rules,
         for _ in range(max_new_tokens):
             context = tokens[-seq_len:]
             window = np.zeros(seq_len, np.int32)
-            window[:len(context)] = context
+            window[: len(context)] = context
             logits = step(state, jnp.asarray(window), jnp.asarray(len(context) - 1))
             if temperature == 0:
                 nxt = int(jnp.argmax(logits))

@@ -20,13 +20,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jmp.checkpoint import Checkpointer, CheckpointError, abstract_like
-from jmp.data import TextData
 from jmp.errors import JmpError
 from jmp.models.gpt import GPT, GPTConfig
 from jmp.rules import Rules
 from jmp.sharding import shard_init
-from jmp.train import (
+from jmp.train.checkpoint import Checkpointer, CheckpointError, abstract_like
+from jmp.train.data import TextData
+from jmp.train.step import (
     TrainConfig,
     TrainState,
     check_batch,
@@ -62,23 +62,55 @@ def _is_main() -> bool:
     return jax.process_index() == 0
 
 
-def evaluate(eval_step: Any, params: nnx.State, data: TextData, *, cfg: TrainConfig,
-             seq_len: int, mesh: Mesh, rules: Rules) -> float:
+def evaluate(
+    eval_step: Any,
+    params: nnx.State,
+    data: TextData,
+    *,
+    cfg: TrainConfig,
+    seq_len: int,
+    mesh: Mesh,
+    rules: Rules,
+) -> float:
     """Mean validation loss over ``cfg.eval_batches`` fixed batches."""
     # float() right away: one multi-device program in flight at a time. Several at once can
     # starve XLA:CPU's collective rendezvous on a 2-core machine (seen: a 40 s abort).
-    losses = [float(eval_step(params, data.batch(i, batch_size=cfg.batch_size, seq_len=seq_len,
-                                                 mesh=mesh, rules=rules, seed=cfg.seed,
-                                                 split="val")))
-              for i in range(cfg.eval_batches)]
+    losses = [
+        float(
+            eval_step(
+                params,
+                data.batch(
+                    i,
+                    batch_size=cfg.batch_size,
+                    seq_len=seq_len,
+                    mesh=mesh,
+                    rules=rules,
+                    seed=cfg.seed,
+                    split="val",
+                ),
+            )
+        )
+        for i in range(cfg.eval_batches)
+    ]
     return float(np.mean(losses))
 
 
-def run_training(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rules,
-                 data: TextData, /, *, out_dir: str | None = None, console: Any = None,
-                 resume: bool = False, checkpoint_every: int | None = None,
-                 skip_nonfinite: bool = False, meta: dict[str, Any] | None = None,
-                 schedule: ScheduleName = "1f1b") -> RunResult:
+def run_training(
+    model_cfg: GPTConfig,
+    cfg: TrainConfig,
+    mesh: Mesh,
+    rules: Rules,
+    data: TextData,
+    /,
+    *,
+    out_dir: str | None = None,
+    console: Any = None,
+    resume: bool = False,
+    checkpoint_every: int | None = None,
+    skip_nonfinite: bool = False,
+    meta: dict[str, Any] | None = None,
+    schedule: ScheduleName = "1f1b",
+) -> RunResult:
     """Train a GPT; write ``metrics.jsonl``, ``loss.png`` and checkpoints under ``out_dir``.
 
     With ``resume``, the latest checkpoint in ``out_dir`` is restored onto ``mesh`` (any mesh or
@@ -93,25 +125,35 @@ def run_training(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rule
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints")) if out_dir else None
     state, start, history = _initial_state(step_fn, ckpt, resume, model_cfg, out_dir)
     result = RunResult(model, state, history)
-    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if (  # noqa: SIM115
-        out_dir and _is_main()) else None
+    metrics_file = (
+        open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        # noqa: SIM115
+        if (out_dir and _is_main())
+        else None
+    )
     tokens = cfg.batch_size * model_cfg.seq_len
     t_start, timed_steps, eval_seconds = None, 0, 0.0
     try:
         with _progress(console, cfg.steps, start) as advance:
             for k in range(start, cfg.steps):
-                batch = data.batch(k, batch_size=cfg.batch_size, seq_len=model_cfg.seq_len,
-                                   mesh=mesh, rules=rules, seed=cfg.seed)
+                batch = data.batch(
+                    k,
+                    batch_size=cfg.batch_size,
+                    seq_len=model_cfg.seq_len,
+                    mesh=mesh,
+                    rules=rules,
+                    seed=cfg.seed,
+                )
                 state, metrics = step_fn(state, batch)  # a non-finite update is not applied
                 row = {"step": k + 1, **{n: float(v) for n, v in metrics.items()}}
-                bad = next((m for m in ("loss", "grad_norm")
-                            if not math.isfinite(row[m])), None)
+                bad = next((m for m in ("loss", "grad_norm") if not math.isfinite(row[m])), None)
                 if bad:
                     if not skip_nonfinite:
                         raise NonFiniteError(
                             f"Non-finite {bad}={row[bad]} at step {k + 1}; stopped. The last "
                             f"good checkpoint is kept. Fix: lower --lr, or pass "
-                            f"--skip-nonfinite to skip such updates.")
+                            f"--skip-nonfinite to skip such updates."
+                        )
                     result.skipped += 1
                     row["skipped"] = result.skipped
                 if t_start is None:  # the first step includes compilation: not timed
@@ -122,8 +164,15 @@ def run_training(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rule
                     row["tokens_per_s"] = tokens * timed_steps / elapsed
                 if (k + 1) % cfg.eval_every == 0 or k + 1 == cfg.steps:
                     t_eval = time.perf_counter()
-                    row["val_loss"] = evaluate(eval_step, state.params, data, cfg=cfg,
-                                               seq_len=model_cfg.seq_len, mesh=mesh, rules=rules)
+                    row["val_loss"] = evaluate(
+                        eval_step,
+                        state.params,
+                        data,
+                        cfg=cfg,
+                        seq_len=model_cfg.seq_len,
+                        mesh=mesh,
+                        rules=rules,
+                    )
                     eval_seconds += time.perf_counter() - t_eval  # throughput is training only
                 history.append(row)
                 if metrics_file:
@@ -156,24 +205,37 @@ def build_model(model_cfg: GPTConfig, mesh: Mesh, rules: Rules, *, seed: int) ->
         return shard_init(lambda rngs: GPT(model_cfg, rngs=rngs), mesh, rules, seed=seed)
     from jmp.pipeline import PipelinedGPT
 
-    return shard_init(lambda rngs: PipelinedGPT(model_cfg, num_stages=stages, rngs=rngs),
-                      mesh, rules, seed=seed)
+    return shard_init(
+        lambda rngs: PipelinedGPT(model_cfg, num_stages=stages, rngs=rngs), mesh, rules, seed=seed
+    )
 
 
-def _build(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rules,
-           schedule: ScheduleName) -> tuple[GPT, Any, Any]:
+def _build(
+    model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rules, schedule: ScheduleName
+) -> tuple[GPT, Any, Any]:
     """Model, train step and eval step; a 'stage' mesh axis pipelines the blocks over it."""
     model = build_model(model_cfg, mesh, rules, seed=cfg.seed)
     if mesh.shape.get("stage", 1) == 1:
-        step = make_step(model, make_optimizer(cfg), mesh, rules,
-                         microbatches=cfg.microbatches, schedule=lr_schedule(cfg))
+        step = make_step(
+            model,
+            make_optimizer(cfg),
+            mesh,
+            rules,
+            microbatches=cfg.microbatches,
+            schedule=lr_schedule(cfg),
+        )
         return model, step, make_eval_step(model, mesh, rules)
     from jmp.pipeline import make_loss_fn
 
     # the pipeline splits the batch into cfg.microbatches itself: no accumulation around it
-    step = make_step(model, make_optimizer(cfg), mesh, rules, schedule=lr_schedule(cfg),
-                     loss_fn=make_loss_fn(mesh=mesh, num_microbatches=cfg.microbatches,
-                                          schedule=schedule))
+    step = make_step(
+        model,
+        make_optimizer(cfg),
+        mesh,
+        rules,
+        schedule=lr_schedule(cfg),
+        loss_fn=make_loss_fn(mesh=mesh, num_microbatches=cfg.microbatches, schedule=schedule),
+    )
     evaluate = make_loss_fn(mesh=mesh, num_microbatches=cfg.microbatches, schedule="gpipe")
     return model, step, make_eval_step(model, mesh, rules, loss_fn=evaluate)
 
@@ -182,8 +244,9 @@ def _build(model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, rules: Rules,
 def _all_finite(tree: Any) -> jax.Array:
     # One compiled program: eager per-array checks would put dozens of small multi-device
     # programs in flight at once, which can deadlock XLA:CPU's collectives.
-    return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all()
-                                          for x in jax.tree.leaves(tree)]))
+    return jax.numpy.all(
+        jax.numpy.stack([jax.numpy.isfinite(x).all() for x in jax.tree.leaves(tree)])
+    )
 
 
 def _check_finite_params(state: TrainState, step: int) -> None:
@@ -193,8 +256,10 @@ def _check_finite_params(state: TrainState, step: int) -> None:
     overflow in the update, once per checkpoint rather than in every step.
     """
     if not bool(_all_finite(state.params)):
-        raise NonFiniteError(f"Non-finite parameters at step {step} (an update overflowed); not "
-                             f"checkpointed, the last good checkpoint is kept. Fix: lower --lr.")
+        raise NonFiniteError(
+            f"Non-finite parameters at step {step} (an update overflowed); not "
+            f"checkpointed, the last good checkpoint is kept. Fix: lower --lr."
+        )
 
 
 def _checkpoint_meta(meta: dict[str, Any], step: int) -> dict[str, Any]:
@@ -203,8 +268,9 @@ def _checkpoint_meta(meta: dict[str, Any], step: int) -> dict[str, Any]:
     return {**meta, "step": step, "data_position": step}
 
 
-def _initial_state(step_fn: Any, ckpt: Checkpointer | None, resume: bool, model_cfg: GPTConfig,
-                   out_dir: str | None) -> tuple[TrainState, int, list[dict[str, float]]]:
+def _initial_state(
+    step_fn: Any, ckpt: Checkpointer | None, resume: bool, model_cfg: GPTConfig, out_dir: str | None
+) -> tuple[TrainState, int, list[dict[str, float]]]:
     state = step_fn.init_state()
     if not resume:
         return state, 0, []
@@ -215,9 +281,11 @@ def _initial_state(step_fn: Any, ckpt: Checkpointer | None, resume: bool, model_
         return state, 0, _read_history(out_dir, 0)
     saved = ckpt.meta(step).get("model")
     if saved != model_cfg.to_dict():
-        raise CheckpointError(f"Checkpoint step {step} in {out_dir!r} is of another model "
-                              f"config ({saved}) than requested ({model_cfg.to_dict()}). Fix: "
-                              f"pass the same --model/--seq, or a new --out.")
+        raise CheckpointError(
+            f"Checkpoint step {step} in {out_dir!r} is of another model "
+            f"config ({saved}) than requested ({model_cfg.to_dict()}). Fix: "
+            f"pass the same --model/--seq, or a new --out."
+        )
     state = ckpt.restore(step, target=abstract_like(state, step_fn.state_shardings))
     return state, step, _read_history(out_dir, step)
 
@@ -259,9 +327,14 @@ class _progress:
             return lambda row: None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), console=self.console,
-                            transient=False)
+        self.bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=self.console,
+            transient=False,
+        )
         task = self.bar.add_task("train", total=self.total, completed=self.start, info="")
         self.bar.start()
 

@@ -1,6 +1,6 @@
 """``jmp launch``: several processes of one job on this machine, as a cluster would start them.
 
-Each process gets the ``JMP_*`` environment of :mod:`jmp.distributed` (a free port on
+Each process gets the ``JMP_*`` environment of :mod:`jmp.runtime.distributed` (a free port on
 127.0.0.1 for the coordinator, its id, its device count) and runs ``python -m jmp.cli ARGS``
 (or ``python SCRIPT ARGS``). Their output is streamed with a ``[p0]``, ``[p1]`` prefix. If one
 fails, the others get a few seconds to stop by themselves (jmp's peer guard stops them, naming
@@ -8,7 +8,7 @@ the lost one), then are terminated; the launcher exits non-zero, naming the proc
 
 Example:
     $ jmp launch -n 2 --local-devices 4 -- train --strategy dp_tp --mesh data=2,model=4
-    $ python -m jmp.launch -n 2 --local-devices 4 --script my_train.py -- --steps 10
+    $ python -m jmp.runtime.launch -n 2 --local-devices 4 --script my_train.py -- --steps 10
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import time
 from collections.abc import Sequence
 from typing import IO, Any
 
-from jmp.distributed import (
+from jmp.errors import ConfigError
+from jmp.runtime.distributed import (
     DEFAULT_TIMEOUT_S,
     ENV_COORDINATOR,
     ENV_LOCAL_DEVICES,
@@ -33,7 +34,6 @@ from jmp.distributed import (
     ENV_TIMEOUT,
     EXIT_PEER_LOST,
 )
-from jmp.errors import ConfigError
 
 GRACE_S = 5.0  # after a failure, how long the others may take to stop by themselves
 KILL_AFTER_S = 5.0  # after SIGTERM, before SIGKILL
@@ -46,24 +46,47 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def process_env(process_id: int, *, num_processes: int, local_devices: int,
-                coordinator: str, timeout_s: float,
-                base: dict[str, str] | None = None) -> dict[str, str]:
+def process_env(
+    process_id: int,
+    *,
+    num_processes: int,
+    local_devices: int,
+    coordinator: str,
+    timeout_s: float,
+    base: dict[str, str] | None = None,
+) -> dict[str, str]:
     """The environment of process ``process_id``: ``base`` (default ours) plus the JMP_* vars."""
     env = dict(os.environ if base is None else base)
-    env.update({ENV_COORDINATOR: coordinator, ENV_NUM_PROCESSES: str(num_processes),
-                ENV_PROCESS_ID: str(process_id), ENV_LOCAL_DEVICES: str(local_devices),
-                ENV_TIMEOUT: f"{timeout_s:g}", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            ENV_COORDINATOR: coordinator,
+            ENV_NUM_PROCESSES: str(num_processes),
+            ENV_PROCESS_ID: str(process_id),
+            ENV_LOCAL_DEVICES: str(local_devices),
+            ENV_TIMEOUT: f"{timeout_s:g}",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     # one process's simulated devices come from JMP_LOCAL_DEVICES, not an inherited flag
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     env["XLA_FLAGS"] = " ".join(flags)
     return env
 
 
-def launch(argv: Sequence[str], /, *, num_processes: int, local_devices: int,
-           timeout_s: float = DEFAULT_TIMEOUT_S, script: str | None = None,
-           out: IO[str] | None = None) -> int:
+def launch(
+    argv: Sequence[str],
+    /,
+    *,
+    num_processes: int,
+    local_devices: int,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    script: str | None = None,
+    out: IO[str] | None = None,
+) -> int:
     """Run ``python -m jmp.cli *argv`` (or ``python script *argv``) as ``num_processes`` processes.
 
     Args:
@@ -80,8 +103,10 @@ def launch(argv: Sequence[str], /, *, num_processes: int, local_devices: int,
         (128 + signal number if a signal killed it), after a line naming it.
     """
     if num_processes < 1 or local_devices < 1 or not timeout_s > 0:
-        raise ConfigError(f"Launching needs -n >= 1, --local-devices >= 1 and --timeout > 0; "
-                          f"got {num_processes}, {local_devices}, {timeout_s}.")
+        raise ConfigError(
+            f"Launching needs -n >= 1, --local-devices >= 1 and --timeout > 0; "
+            f"got {num_processes}, {local_devices}, {timeout_s}."
+        )
     # declared: typeshed's sys.stdout is `TextIO | Any`, which would keep `None` in out's type
     sink: IO[str] = out or sys.stdout
     coordinator = f"127.0.0.1:{free_port()}"
@@ -91,16 +116,27 @@ def launch(argv: Sequence[str], /, *, num_processes: int, local_devices: int,
     pumps: list[threading.Thread] = []
     try:
         for i in range(num_processes):
-            env = process_env(i, num_processes=num_processes, local_devices=local_devices,
-                              coordinator=coordinator, timeout_s=timeout_s)
-            proc = subprocess.Popen([*program, *argv], env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+            env = process_env(
+                i,
+                num_processes=num_processes,
+                local_devices=local_devices,
+                coordinator=coordinator,
+                timeout_s=timeout_s,
+            )
+            proc = subprocess.Popen(
+                [*program, *argv],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             procs.append(proc)
             # one pipe per stream: C++ logging on stderr cannot split a line of stdout
             for stream in (proc.stdout, proc.stderr):
-                pump = threading.Thread(target=_pump, args=(stream, f"[p{i}] ", sink, lock),
-                                        daemon=True)
+                pump = threading.Thread(
+                    target=_pump, args=(stream, f"[p{i}] ", sink, lock), daemon=True
+                )
                 pump.start()
                 pumps.append(pump)
         first = _supervise(procs)
@@ -166,16 +202,19 @@ def _describe(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _report(procs: list[subprocess.Popen], first: int | None, out: IO[str],
-            lock: threading.Lock) -> int:
+def _report(
+    procs: list[subprocess.Popen], first: int | None, out: IO[str], lock: threading.Lock
+) -> int:
     if first is None:
         return 0
     code = procs[first].returncode
-    others = [f"p{i} {_describe(p.returncode)}" for i, p in enumerate(procs)
-              if i != first and p.returncode != 0]
+    others = [
+        f"p{i} {_describe(p.returncode)}"
+        for i, p in enumerate(procs)
+        if i != first and p.returncode != 0
+    ]
     tail = f"; the others were stopped ({', '.join(others)})" if others else ""
-    _say(out, lock, f"jmp launch: process {first} (p{first}) failed: it {_describe(code)}"
-                    f"{tail}.")
+    _say(out, lock, f"jmp launch: process {first} (p{first}) failed: it {_describe(code)}{tail}.")
     return code if code > 0 else 128 - code
 
 
@@ -203,25 +242,37 @@ def _pump(stream: IO[bytes] | None, prefix: str, out: IO[str], lock: threading.L
 def add_launch_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``launch`` to the ``jmp`` command's subparsers."""
     p = subparsers.add_parser(
-        "launch", help="run a jmp command as several processes on this machine",
+        "launch",
+        help="run a jmp command as several processes on this machine",
         description="Start N processes of `jmp ARGS` (or `python --script FILE ARGS`) that form "
-                    "one JAX job, as a cluster would; stream their output prefixed [p0], "
-                    "[p1], ...; stop all when one fails.")
+        "one JAX job, as a cluster would; stream their output prefixed [p0], "
+        "[p1], ...; stop all when one fails.",
+    )
     _add_args(p)
     return p
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--num-processes", type=int, default=2, help="processes (default 2)")
-    p.add_argument("--local-devices", type=int, default=4,
-                   help="devices per process: simulated CPU devices here (default 4)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                   help="seconds the processes wait for each other at start, and to notice a "
-                        "lost one (default %(default)g)")
-    p.add_argument("--script", default=None,
-                   help="run `python SCRIPT ARGS` instead of `jmp ARGS`")
-    p.add_argument("argv", nargs=argparse.REMAINDER,
-                   help="after --: the command, e.g. -- train --mesh data=2,model=4")
+    p.add_argument(
+        "--local-devices",
+        type=int,
+        default=4,
+        help="devices per process: simulated CPU devices here (default 4)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds the processes wait for each other at start, and to notice a "
+        "lost one (default %(default)g)",
+    )
+    p.add_argument("--script", default=None, help="run `python SCRIPT ARGS` instead of `jmp ARGS`")
+    p.add_argument(
+        "argv",
+        nargs=argparse.REMAINDER,
+        help="after --: the command, e.g. -- train --mesh data=2,model=4",
+    )
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -230,19 +281,29 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv and not args.script:
-        raise ConfigError("No command given. Example: jmp launch -n 2 "
-                          "--local-devices 4 -- train --mesh data=2,model=4")
+        raise ConfigError(
+            "No command given. Example: jmp launch -n 2 "
+            "--local-devices 4 -- train --mesh data=2,model=4"
+        )
     if argv and argv[0] == "launch":
-        raise ConfigError("`jmp launch -- launch ...` would launch launchers: give the "
-                          "command to run, e.g. -- train ...")
-    return launch(argv, num_processes=args.num_processes, local_devices=args.local_devices,
-                  timeout_s=args.timeout, script=args.script)
+        raise ConfigError(
+            "`jmp launch -- launch ...` would launch launchers: give the "
+            "command to run, e.g. -- train ..."
+        )
+    return launch(
+        argv,
+        num_processes=args.num_processes,
+        local_devices=args.local_devices,
+        timeout_s=args.timeout,
+        script=args.script,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m jmp.launch ...``: the same as ``jmp launch ...``."""
-    parser = argparse.ArgumentParser(prog="python -m jmp.launch",
-                                     description=add_launch_parser.__doc__)
+    """``python -m jmp.runtime.launch ...``: the same as ``jmp launch ...``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m jmp.runtime.launch", description=add_launch_parser.__doc__
+    )
     _add_args(parser)
     args = parser.parse_args(argv)
     try:
