@@ -1,0 +1,59 @@
+"""Tensor-parallel Flax NNX layers (Megatron-style), each parameter named by logical axes.
+
+The core is the row-parallel product **y = sum_i W_i x_i + b**: device i holds the block W_i of
+rows of W and the matching block x_i of the input's features, multiplies them locally, one psum
+over the tensor-parallel mesh axis joins the partial sums, and the bias is added once after it.
+A column-parallel layer splits W by output features instead and needs no communication.
+
+Every layer has two modes that must give the same numbers and the same collectives:
+
+- ``mode="manual"``: the psum is written out with ``jax.shard_map`` (partial-manual over the
+  tensor axis only, so data axes stay with the compiler).
+- ``mode="auto"``: only sharding annotations; XLA's partitioner inserts the all-reduce.
+
+The tensor axis is not a layer argument: it is whatever mesh axis the current rules map the
+split dimension to (``'mlp'`` -> ``'model'`` under ``tp``; -> nothing under ``dp``). Outside
+:func:`jmp.activate`, layers compute the dense product: the single-device reference.
+
+Example (the seed model, ``Linear(10,10) -> ReLU -> Linear(10,1)``, tensor-parallel):
+    >>> class Seed(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.up = ColumnParallelLinear(10, 8, rngs=rngs)
+    ...         self.down = RowParallelLinear(8, 1, rngs=rngs)
+    ...     def __call__(self, x):
+    ...         return self.down(jax.nn.relu(self.up(x)))
+"""
+
+from jmp.layers.attention import ParallelAttention
+from jmp.layers.base import (
+    Initializer,
+    Mode,
+    default_embedding_init,
+    default_kernel_init,
+    named_param,
+)
+from jmp.layers.embed import ParallelEmbed
+from jmp.layers.linear import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    column_parallel_matmul,
+    row_parallel_matmul,
+)
+from jmp.layers.mlp import ParallelMLP
+from jmp.layers.norm import RMSNorm
+
+__all__ = [
+    "ColumnParallelLinear",
+    "Initializer",
+    "Mode",
+    "ParallelAttention",
+    "ParallelEmbed",
+    "ParallelMLP",
+    "RMSNorm",
+    "RowParallelLinear",
+    "column_parallel_matmul",
+    "default_embedding_init",
+    "default_kernel_init",
+    "named_param",
+    "row_parallel_matmul",
+]
