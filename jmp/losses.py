@@ -5,7 +5,10 @@ the tensor axis each device reduces its slice and small all-reduces of ``(batch,
 join them, so the ``(batch, seq, vocab)`` logits never exist whole on one device.
 
 Example:
-    >>> loss = cross_entropy(logits, targets)   # mean over tokens, in nats
+    >>> logits = jnp.zeros((2, 3, 256))             # uniform over 256 bytes
+    >>> targets = jnp.zeros((2, 3), jnp.int32)
+    >>> round(float(cross_entropy(logits, targets)), 4)   # mean over tokens: ln 256 nats
+    5.5452
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ Example:
     >>> rules = jmp.rules.preset("dp_tp", mesh)
     >>> model = jmp.shard_init(lambda rngs: jmp.layers.ParallelMLP(64, 256, rngs=rngs),
     ...                        mesh, rules, seed=0)
-    >>> jmp.param_table(model).print()
+    >>> rows = jmp.param_table(model)
+    >>> [(r.path, str(r.spec), r.bytes_per_device) for r in rows][:2]
+    [('down/bias', 'P()', 256), ('down/kernel', "P('model',)", 16384)]
 """
 
 from __future__ import annotations
@@ -263,7 +265,10 @@ def param_table(model: Any, /) -> ParamTable:
     """One row per array of the model's state: path, shape, dtype, names, spec, bytes.
 
     Example:
-        >>> rows = param_table(model); rows.print(); rows.bytes_per_device
+        >>> model = jmp.shard_init(lambda rngs: GPT(cfg, rngs=rngs), mesh, rules)
+        >>> rows = param_table(model)   # rows.print() shows it as a table
+        >>> rows.bytes_per_device < rows.bytes_total
+        True
     """
     rows = ParamTable()
 

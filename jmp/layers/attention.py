@@ -1,7 +1,7 @@
 """Causal self-attention with its heads split over the tensor axis.
 
 Example:
-    >>> attn = ParallelAttention(16, 4, rngs=nnx.Rngs(0))
+    >>> attn = ParallelAttention(16, num_heads=4, rngs=nnx.Rngs(0))
     >>> attn(jax.numpy.ones((2, 5, 16))).shape
     (2, 5, 16)
 """

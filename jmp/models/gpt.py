@@ -8,7 +8,11 @@ count: 2 all-reduces over the model axis forward (attention output, MLP output) 
 Example:
     >>> cfg = GPTConfig.named("tiny")
     >>> model = jmp.shard_init(lambda rngs: GPT(cfg, rngs=rngs), mesh, rules)
-    >>> logits = model(tokens)            # (batch, seq, vocab), split over vocab
+    >>> tokens = jnp.zeros((8, cfg.seq_len), jnp.int32)
+    >>> with jmp.activate(mesh, rules):
+    ...     logits = jax.jit(model)(tokens)     # (batch, seq, vocab), split over vocab
+    >>> logits.shape, logits.sharding.spec
+    ((8, 64, 256), P('data', None, 'model'))
 """
 
 from __future__ import annotations

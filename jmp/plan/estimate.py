@@ -15,9 +15,10 @@ upper bound), each collective moves its ring volume at ``link_bandwidth`` (one f
 axis: an axis that crosses nodes is slower in reality), and nothing overlaps.
 
 Example:
-    >>> est = estimate(GPTConfig.named("7b"), {"data": 8, "model": 8}, "fsdp_tp",
-    ...                batch_size=64, device="h100")
+    >>> est = estimate(GPTConfig.named("7b", dtype="bfloat16"), {"data": 8, "model": 8},
+    ...                "fsdp_tp", batch_size=64, device="h100")
     >>> est.fits, est.comm_bytes["model"], f"{est.mfu:.0%}"
+    (True, 17448502544, '51%')
 """
 
 from __future__ import annotations

@@ -5,8 +5,11 @@ reject (mesh, divisibility, batch split, stages), runs :func:`jmp.plan.estimate`
 ranks those that fit; :func:`format_table` renders the ranking with ``rich``.
 
 Example:
-    >>> ranked = search(GPTConfig.named("7b"), 64, "h100", batch_size=256)
-    >>> console.print(format_table(ranked[:5], title="7B on 64 x H100"))
+    >>> ranked = search(GPTConfig.named("7b", dtype="bfloat16", remat=True), 64, "h100",
+    ...                 batch_size=256)
+    >>> ranked[0].strategy, ranked[0].mesh
+    ('dp_tp', 'data=32,model=2')
+    >>> table = format_table(ranked[:5], title="7B on 64 x H100")   # a rich Table to print
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ def search(
     M and ``schedule``; their ``reason`` states the bubble.
 
     Example:
-        >>> best = search(GPTConfig.named("7b"), 64, "h100", batch_size=256)[0]
-        >>> best.reason
+        >>> best = search(GPTConfig.named("7b", dtype="bfloat16"), 64, "h100", batch_size=256)[0]
+        >>> best.reason.split(":")[0]
+        'fsdp_tp on data=32,model=2'
     """
     dev = get_device(device)
     if not isinstance(n_devices, int) or n_devices < 1:

@@ -7,7 +7,9 @@ sees exactly the batches it would have seen. Global batches are assembled with
 
 Example:
     >>> data = TextData.from_paths(None)          # the stdlib sources
-    >>> x, y = data.batch(step=0, batch_size=8, seq_len=128, mesh=mesh, rules=rules)
+    >>> x, y = data.batch(0, batch_size=8, seq_len=128, mesh=mesh, rules=rules)
+    >>> x.shape, x.sharding.spec, bool((x[:, 1:] == y[:, :-1]).all())   # y is x shifted by one
+    ((8, 128), P('data',), True)
 """
 
 from __future__ import annotations

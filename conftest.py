@@ -1,0 +1,49 @@
+"""Doctests of jmp/: the names every docstring example may use, on 8 simulated CPU devices.
+
+`make test` runs the examples in jmp's docstrings (``pytest --doctest-modules jmp``). An
+example starts from this namespace: the usual imports, a ``data=2,model=4`` mesh with
+``dp_tp`` rules, and a tiny GPT sharded on it, so each docstring shows only its own point.
+"""
+
+import os
+
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import jmp  # noqa: E402
+
+jmp.simulate_cpu_devices(8)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _doctest_names(doctest_namespace):
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from jmp.models import GPT, GPTConfig
+
+    mesh = jmp.make_mesh("data=2,model=4")
+    rules = jmp.rules.preset("dp_tp", mesh)
+    cfg = GPTConfig.named("tiny")
+    doctest_namespace.update(
+        functools=functools,
+        jax=jax,
+        jnp=jnp,
+        np=np,
+        nnx=nnx,
+        optax=optax,
+        jmp=jmp,
+        mesh=mesh,
+        rules=rules,
+        cfg=cfg,
+        GPT=GPT,
+        GPTConfig=GPTConfig,
+    )
