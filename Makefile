@@ -31,7 +31,8 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/pipeline.py
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check jmp tests benchmarks
+	$(BIN)/ruff format --check jmp tests benchmarks conftest.py
+	$(BIN)/ruff check jmp tests benchmarks conftest.py
 	$(BIN)/pyright jmp
 
 clean:

@@ -67,7 +67,8 @@ class Collective(NamedTuple):
     kind: str
     axes: tuple[str, ...]
     bytes: int  # size of the op's result on one device
-    count: int  # executions per step (loop trip counts applied)
+    # executions per step (loop trip counts applied); shadows tuple.count, kept for its name
+    count: int  # pyright: ignore[reportIncompatibleMethodOverride]
     group_size: int
 
     @property

@@ -109,7 +109,7 @@ def named_shardings(model: Any, rules: Rules, mesh: Mesh, /) -> Any:
 
 def _nnx_init(
     make_model: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh, rules: Rules, seed: int
-) -> tuple[nnx.GraphDef, Callable[[], nnx.State]]:
+) -> tuple[nnx.GraphDef, jax.stages.Wrapped]:
     # Flax's eager sharding would resolve names with its own (non-strict) rules: turn it off and
     # give every variable its sharding through jit's out_shardings instead.
     with nnx.use_eager_sharding(False):
@@ -177,7 +177,10 @@ def init_bytes_per_device(
 ) -> int:
     """Output bytes one device holds after the compiled sharded init (about total / N)."""
     _, init = _nnx_init(make_model, mesh, rules, seed)
-    return int(init.lower().compile().memory_analysis().output_size_in_bytes)
+    analysis = init.lower().compile().memory_analysis()
+    if analysis is None:  # a backend without memory analysis
+        raise ShardingError("This backend reports no memory analysis of compiled programs.")
+    return int(analysis.output_size_in_bytes)
 
 
 # --- the parameter table ---------------------------------------------------------------------

@@ -128,7 +128,7 @@ class Comm(NamedTuple):
     kind: str  # all-reduce | all-gather | reduce-scatter | all-to-all
     axis: str
     bytes: int
-    count: int
+    count: int  # pyright: ignore[reportIncompatibleMethodOverride] (shadows tuple.count)
     what: str
 
     @property
