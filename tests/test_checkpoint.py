@@ -285,7 +285,7 @@ def test_cli_nonfinite_is_exit_2(tmp_path):
 
 def test_non_finite_parameters_are_never_checkpointed():
     from jmp.train import TrainState
-    from jmp.train.loop import _check_finite_params
+    from jmp.train.trainer import _check_finite_params
 
     good = TrainState(np.int32(1), {"w": np.ones(3, np.float32)}, ())
     _check_finite_params(good, 1)

@@ -288,14 +288,14 @@ PP_CASES = [
 
 @pytest.mark.parametrize(("strategy", "spec", "k", "schedule"), PP_CASES)
 def test_pipeline_prediction_matches_compiled_step(strategy, spec, k, schedule, make_mesh):
-    """The step jmp.train.loop._build makes for a 'stage' mesh, compiled from abstract shapes."""
+    """The step jmp.train.loop._gpt_parts makes for a 'stage' mesh, compiled from abstract shapes."""
     from jmp.pipeline import PipelinedGPT, make_loss_fn
 
     mesh = make_mesh(spec)
     S = mesh.shape["stage"]
     M = k * S
     rules = jmp.rules.preset(strategy, mesh)
-    with nnx.use_eager_sharding(False):  # shapes only: jmp.train.loop._build shard_inits the same
+    with nnx.use_eager_sharding(False):  # shapes only: the loop shard_inits the same
         model = nnx.eval_shape(lambda: PipelinedGPT(PP_CFG, num_stages=S, rngs=nnx.Rngs(0)))
     step = make_step(
         model,

@@ -1,0 +1,484 @@
+"""The trainer for any Flax NNX model: ``jmp.fit``.
+
+``fit`` takes a model factory, a loss, batches and an optax transformation, and gives what
+``jmp train`` gives: parameters born sharded (:func:`jmp.shard_init`), one compiled step
+(:func:`jmp.train.make_step`), a rich progress bar, ``metrics.jsonl``, ``loss.png``, periodic
+asynchronous orbax checkpoints, exact resume onto any mesh or strategy, evaluation, and the
+non-finite guard. jmp's own GPT trains through it (:mod:`jmp.train.loop`).
+
+Example:
+    >>> class MLP(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+    ...         self.up = nnx.Linear(8, 32, kernel_init=init, use_bias=False, rngs=rngs)
+    ...         down = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("mlp", "embed"))
+    ...         self.down = nnx.Linear(32, 1, kernel_init=down, use_bias=False, rngs=rngs)
+    ...     def __call__(self, x):
+    ...         return self.down(jax.nn.relu(self.up(x)))
+    >>> def loss_fn(model, batch):
+    ...     return ((model(batch["x"]) - batch["y"]) ** 2).mean()
+    >>> def batches(k):
+    ...     x = np.random.default_rng(k).normal(size=(16, 8)).astype(np.float32)
+    ...     return {"x": x, "y": x.sum(-1, keepdims=True)}
+    >>> result = fit(MLP, loss_fn, batches, mesh=mesh, strategy="dp_tp",
+    ...              optimizer=optax.adam(1e-2), steps=30, progress=False)
+    >>> result.history[-1]["loss"] < result.history[0]["loss"]
+    True
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jmp.errors import ConfigError, JmpError
+from jmp.rules import Rules, check_batch, preset
+from jmp.sharding import shard_init
+from jmp.train.checkpoint import Checkpointer, CheckpointError
+from jmp.train.data import local_rows
+from jmp.train.step import Batch, LossFn, TrainState, make_eval_step, make_step, merge_params
+
+
+class NonFiniteError(JmpError):
+    """The loss or gradient norm became NaN or infinite."""
+
+
+@dataclass
+class FitResult:
+    """What a training run produced: the trained model and one metrics row per step."""
+
+    model: nnx.Module
+    state: TrainState
+    history: list[dict[str, float]] = field(default_factory=list)
+    val_loss: float = math.nan
+    train_loss: float = math.nan
+    tokens_per_s: float = math.nan
+    skipped: int = 0
+
+
+#: A source of batches: ``step -> batch`` (exact on resume) or an iterable of batches.
+Batches = Callable[[int], Batch] | Iterable[Batch]
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def place_batch(batch: Batch, sharding: NamedSharding, /) -> Batch:
+    """Put a host batch on the mesh, its leading dim split as ``sharding`` says.
+
+    Leaves that are already ``jax.Array`` pass through. A NumPy leaf is the *global* batch:
+    each process keeps the rows its devices hold (``jax.make_array_from_process_local_data``).
+    """
+
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array):
+            return x
+        x = np.asarray(x)
+        rows = local_rows(sharding, x.shape)
+        return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
+
+    return jax.tree.map(one, batch)
+
+
+def _check_batch(batch: Batch, microbatches: int, mesh: Mesh, rules: Rules) -> None:
+    """Every leaf has the same leading (batch) dim, and it splits over the mesh."""
+    shapes = [np.shape(x) for x in jax.tree.leaves(batch)]
+    sizes = {s[0] if s else None for s in shapes}
+    if not shapes or None in sizes or len(sizes) > 1:
+        raise ConfigError(
+            f"A batch must be a pytree of arrays sharing one leading (batch) dim; its leaves "
+            f"have shapes {shapes}. Fix: stack examples along axis 0 in every leaf."
+        )
+    check_batch(sizes.pop(), microbatches, mesh, rules)
+
+
+def _batch_source(batches: Batches, start: int) -> Callable[[int], Batch]:
+    """``step -> batch``; an iterable is advanced past the ``start`` batches already trained."""
+    if callable(batches):
+        return batches
+    it = itertools.islice(iter(batches), start, None)
+
+    def next_batch(step: int) -> Batch:
+        try:
+            return next(it)
+        except StopIteration:
+            raise ConfigError(
+                f"The batches ran out at step {step + 1}. Fix: give at least "
+                f"`steps` batches, or a function step -> batch."
+            ) from None
+
+    return next_batch
+
+
+def _resolve_rules(mesh: Mesh, strategy: str | None, rules: Rules | None) -> Rules:
+    if (strategy is None) == (rules is None):
+        raise ConfigError(
+            "fit needs exactly one of strategy= (a name, e.g. 'fsdp_tp') or "
+            f"rules= (a jmp.Rules); got strategy={strategy!r}, rules={rules!r}."
+        )
+    return preset(strategy, mesh) if strategy is not None else rules  # type: ignore[return-value]
+
+
+def fit(
+    make_model: Callable[[nnx.Rngs], nnx.Module],
+    loss_fn: LossFn,
+    batches: Batches,
+    /,
+    *,
+    mesh: Mesh,
+    strategy: str | None = None,
+    rules: Rules | None = None,
+    optimizer: optax.GradientTransformation,
+    steps: int,
+    out_dir: str | None = None,
+    resume: bool = False,
+    checkpoint_every: int | None = None,
+    seed: int = 0,
+    microbatches: int = 1,
+    eval_batches: Callable[[int], Batch] | Sequence[Batch] | None = None,
+    num_eval_batches: int = 4,
+    eval_every: int | None = None,
+    eval_loss_fn: LossFn | None = None,
+    skip_nonfinite: bool = False,
+    max_consecutive_skips: int = 10,
+    progress: Any = True,
+    meta: dict[str, Any] | None = None,
+    schedule: optax.Schedule | None = None,
+    tokens_per_batch: int | None = None,
+) -> FitResult:
+    """Train ``make_model(rngs)`` on ``mesh``; write metrics and checkpoints under ``out_dir``.
+
+    Args:
+        make_model: ``rngs -> nnx.Module``; every parameter carries logical axis names.
+        loss_fn: ``(model, batch) -> scalar`` loss.
+        batches: ``step -> batch`` (batch k the same on every run: resume is exact), or an
+            iterable of batches (for an exact resume it must yield the same sequence each
+            time: the first ``start`` items are skipped). A batch is any pytree of arrays
+            whose leading dim is the batch; NumPy leaves are the global batch.
+        mesh, strategy, rules: the device mesh and exactly one of a strategy name
+            (:mod:`jmp.strategies`) or :class:`~jmp.Rules`.
+        optimizer: an optax transformation (its state is sharded like the parameters).
+        steps: the total number of steps (a resumed run counts the steps already done).
+        resume: continue from the latest checkpoint in ``out_dir`` (any mesh or strategy).
+        eval_batches: ``i -> batch`` (``num_eval_batches`` of them) or a sequence; the mean
+            loss is logged as ``val_loss`` every ``eval_every`` steps and at the end.
+        skip_nonfinite: skip (do not apply) NaN/inf updates instead of stopping; stops anyway
+            after ``max_consecutive_skips`` in a row.
+        progress: show a rich progress bar (True), or a ``rich.console.Console`` to print on.
+        meta: JSON-able facts saved with each checkpoint (e.g. configs); on resume a
+            different ``meta["model"]`` than the checkpoint's is refused.
+        schedule: the learning-rate schedule, to log ``lr``.
+        tokens_per_batch: to log ``tokens_per_s``.
+
+    Returns:
+        A :class:`FitResult`: ``.model`` (trained, sharded), ``.history`` (one dict a step).
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps={steps!r} must be a positive int.")
+    rules = _resolve_rules(mesh, strategy, rules)
+    model = shard_init(make_model, mesh, rules, seed=seed)
+    step_fn = make_step(
+        model, optimizer, mesh, rules, microbatches=microbatches, loss_fn=loss_fn, schedule=schedule
+    )
+    eval_step = make_eval_step(model, mesh, rules, loss_fn=eval_loss_fn or loss_fn)
+    meta = {**(meta or {})}
+    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints")) if out_dir else None
+    state, start, history = _initial_state(step_fn, ckpt, resume, meta, out_dir)
+    next_batch = _batch_source(batches, start)
+    evaluate = _evaluator(eval_step, eval_batches, num_eval_batches, step_fn.batch_sharding)
+    result = FitResult(model, state, history)
+    metrics_file = (
+        open(os.path.join(out_dir, "metrics.jsonl"), "a")  # noqa: SIM115
+        if (out_dir and _is_main())
+        else None
+    )
+    console = _console(progress)
+    t_start, timed_steps, eval_seconds, in_a_row = None, 0, 0.0, 0
+    try:
+        with _progress(console, steps, start) as advance:
+            for k in range(start, steps):
+                host = next_batch(k)
+                if k == start:  # a clear error before the compiler's: the batch must split
+                    _check_batch(host, microbatches, mesh, rules)
+                batch = place_batch(host, step_fn.batch_sharding)
+                state, metrics = step_fn(state, batch)  # a non-finite update is not applied
+                row: dict[str, float] = {"step": k + 1, **{n: float(v) for n, v in metrics.items()}}
+                bad = next((m for m in ("loss", "grad_norm") if not math.isfinite(row[m])), None)
+                if bad:
+                    in_a_row += 1
+                    if not skip_nonfinite or in_a_row > max_consecutive_skips:
+                        raise NonFiniteError(_nonfinite_message(bad, row, k + 1, ckpt, in_a_row))
+                    result.skipped += 1
+                    row["skipped"] = result.skipped
+                else:
+                    in_a_row = 0
+                if t_start is None:  # the first step includes compilation: not timed
+                    t_start = time.perf_counter()
+                elif tokens_per_batch:
+                    timed_steps += 1
+                    elapsed = time.perf_counter() - t_start - eval_seconds
+                    row["tokens_per_s"] = tokens_per_batch * timed_steps / elapsed
+                if evaluate and ((eval_every and (k + 1) % eval_every == 0) or k + 1 == steps):
+                    t_eval = time.perf_counter()
+                    row["val_loss"] = evaluate(state.params)
+                    eval_seconds += time.perf_counter() - t_eval  # throughput is training only
+                history.append(row)
+                if metrics_file:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                if ckpt and checkpoint_every and (k + 1) % checkpoint_every == 0:
+                    _check_finite_params(state, k + 1, ckpt)
+                    ckpt.save(k + 1, state, meta=_checkpoint_meta(meta, k + 1))
+                advance(row)
+        if ckpt and steps > start and ckpt.latest_step() != steps:
+            _check_finite_params(state, steps, ckpt)
+            ckpt.save(steps, state, meta=_checkpoint_meta(meta, steps))
+    finally:
+        if ckpt:
+            ckpt.wait()
+            ckpt.close()
+        if metrics_file:
+            metrics_file.close()
+    result.state, result.model = state, merge_params(model, state.params)
+    _summarize(result)
+    if out_dir and _is_main():
+        plot_losses(result.history, os.path.join(out_dir, "loss.png"))
+    return result
+
+
+def _console(progress: Any) -> Any:
+    if progress is True:
+        from rich.console import Console
+
+        return Console()
+    return progress or None
+
+
+def _kept(ckpt: Checkpointer | None) -> str:
+    """What is left on disk after a stop, stated only when true."""
+    last = ckpt.latest_step() if ckpt else None
+    if last is None:
+        return "no checkpoint was written"
+    return f"the last good checkpoint (step {last}) is kept"
+
+
+def _nonfinite_message(
+    bad: str, row: dict, step: int, ckpt: Checkpointer | None, in_a_row: int
+) -> str:
+    kept = _kept(ckpt)
+    what = (
+        f"{in_a_row} non-finite updates in a row (the last: {bad}={row[bad]} at step {step})"
+        if in_a_row > 1
+        else f"Non-finite {bad}={row[bad]} at step {step}"
+    )
+    return (
+        f"{what}; stopped, {kept}. Fix: lower the learning rate (--lr), or skip such "
+        f"updates (skip_nonfinite=True, --skip-nonfinite)."
+    )
+
+
+def _evaluator(
+    eval_step: Any, eval_batches: Any, count: int, sharding: NamedSharding
+) -> Callable[[nnx.State], float] | None:
+    if eval_batches is None:
+        return None
+    items = (
+        list(eval_batches)
+        if not callable(eval_batches)
+        else [eval_batches(i) for i in range(count)]
+    )
+
+    def evaluate(params: nnx.State) -> float:
+        # float() right away: one multi-device program in flight at a time. Several at once can
+        # starve XLA:CPU's collective rendezvous on a 2-core machine (seen: a 40 s abort).
+        return float(np.mean([float(eval_step(params, place_batch(b, sharding))) for b in items]))
+
+    return evaluate
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    # One compiled program: eager per-array checks would put dozens of small multi-device
+    # programs in flight at once, which can deadlock XLA:CPU's collectives.
+    return jax.numpy.all(
+        jax.numpy.stack([jax.numpy.isfinite(x).all() for x in jax.tree.leaves(tree)])
+    )
+
+
+def _check_finite_params(state: TrainState, step: int, ckpt: Checkpointer | None = None) -> None:
+    """Refuse to checkpoint non-finite parameters (finite gradients can still overflow them).
+
+    The step itself never applies a non-finite loss or gradient; this catches the rarer
+    overflow in the update, once per checkpoint rather than in every step.
+    """
+    if not bool(_all_finite(state.params)):
+        raise NonFiniteError(
+            f"Non-finite parameters at step {step} (an update overflowed); not "
+            f"checkpointed, {_kept(ckpt)}. Fix: lower the learning rate (--lr)."
+        )
+
+
+def _checkpoint_meta(meta: dict[str, Any], step: int) -> dict[str, Any]:
+    # Batches and any randomness are pure functions of (seed, step): the next batch index and
+    # the seed (in meta["train"]) are the whole data position and RNG state.
+    return {**meta, "step": step, "data_position": step}
+
+
+def _read_history(out_dir: str | None, upto: int) -> list[dict[str, float]]:
+    path = os.path.join(out_dir or "", "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    # a killed run may have logged steps past its last checkpoint: those are redone
+    rows = [r for r in rows if r["step"] <= upto]
+    if _is_main():  # one writer, also on a filesystem the hosts share
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows
+
+
+class _progress:
+    """A rich progress bar showing loss and throughput (silent without a console)."""
+
+    def __init__(self, console: Any, total: int, start: int) -> None:
+        self.console, self.total, self.start = console, total, start
+        self.bar: Any = None
+
+    def __enter__(self) -> Any:
+        if self.console is None or not _is_main():
+            return lambda row: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=self.console,
+            transient=False,
+        )
+        task = self.bar.add_task("train", total=self.total, completed=self.start, info="")
+        self.bar.start()
+
+        def advance(row: dict[str, float]) -> None:
+            info = f"loss {row['loss']:.3f}"
+            if "val_loss" in row:
+                info += f" | val {row['val_loss']:.3f}"
+            if "tokens_per_s" in row:
+                info += f" | {row['tokens_per_s']:,.0f} tok/s"
+            self.bar.update(task, advance=1, info=info)
+
+        return advance
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def plot_losses(history: list[dict[str, float]], path: str, /) -> None:
+    """Train and validation loss against step, as a PNG."""
+    from matplotlib.figure import Figure  # not pyplot: leaves a notebook's backend alone
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train")
+    val = [r for r in history if "val_loss" in r]
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _initial_state(
+    step_fn: Any, ckpt: Checkpointer | None, resume: bool, meta: dict[str, Any], out_dir: str | None
+) -> tuple[TrainState, int, list[dict[str, float]]]:
+    if not resume:
+        return step_fn.init_state(), 0, []
+    if ckpt is None:
+        raise CheckpointError("resume needs an out_dir holding checkpoints.")
+    step = ckpt.latest_step()
+    if step is None:  # killed before its first checkpoint was committed: start over, exactly
+        return step_fn.init_state(), 0, _read_history(out_dir, 0)
+    saved = ckpt.meta(step).get("model")
+    if "model" in meta and saved != meta["model"]:
+        raise CheckpointError(
+            f"Checkpoint step {step} in {out_dir!r} is of another model "
+            f"config ({saved}) than requested ({meta['model']}). Fix: pass "
+            f"the same model settings (--model/--seq), or a new --out."
+        )
+    # the restore target is abstract: no second train state is allocated to learn its shapes
+    target = step_fn.abstract_state()
+    _check_same_structure(ckpt, step, target, out_dir)
+    state = ckpt.restore(step, target=target)
+    return state, step, _read_history(out_dir, step)
+
+
+def _dotted(path: tuple) -> str:
+    """A pytree key path as orbax names the leaf: ``params.up.kernel.value``."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):  # DictKey/FlattenedIndexKey, GetAttrKey, SequenceKey
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return ".".join(parts)
+
+
+def _describe(shape: Any, dtype: Any) -> str:
+    return f"{np.dtype(dtype).name}[{','.join(map(str, shape))}]"
+
+
+def _check_same_structure(ckpt: Checkpointer, step: int, target: Any, out_dir: str | None) -> None:
+    """Refuse a checkpoint whose arrays (paths, shapes, dtypes) differ from the new train state.
+
+    Orbax would fail deep inside with a message that names no parameter, or (for a missing
+    leaf) restore what it can; this names the first differing path instead.
+    """
+    try:
+        saved_tree = ckpt.manager.item_metadata(step)["state"]
+        saved_tree = getattr(saved_tree, "tree", saved_tree)
+    except Exception as err:  # orbax raises many types for unreadable files
+        raise CheckpointError(
+            f"Cannot read the array metadata of checkpoint step {step} in {out_dir!r}: {err}"
+        ) from None
+    saved = {m.name: _describe(m.shape, m.dtype) for m in jax.tree.leaves(saved_tree)}
+    new = {
+        _dotted(p): _describe(x.shape, x.dtype)
+        for p, x in jax.tree_util.tree_flatten_with_path(target)[0]
+    }
+    for name in sorted(saved.keys() | new.keys()):
+        there, here = saved.get(name, "absent"), new.get(name, "absent")
+        if there != here:
+            raise CheckpointError(
+                f"Checkpoint step {step} in {out_dir!r} does not fit this model and optimizer: "
+                f"{name} is {there} there, {here} here. Fix: build the same model and "
+                f"optimizer as the saved run, or train into a new out_dir."
+            )
+
+
+def _summarize(result: FitResult) -> None:
+    for row in reversed(result.history):
+        if "val_loss" in row:
+            result.val_loss = row["val_loss"]
+            break
+    if result.history:
+        result.train_loss = result.history[-1]["loss"]
+        speeds = [r["tokens_per_s"] for r in result.history if "tokens_per_s" in r]
+        result.tokens_per_s = speeds[-1] if speeds else math.nan
