@@ -17,6 +17,7 @@ step.abstract_batch(b, s))`` then compiles a 7B model's step for inspection with
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar, cast
@@ -60,6 +61,15 @@ class TrainConfig:
     eval_batches: int = 4
 
     def __post_init__(self) -> None:
+        floats = ("lr", "min_lr_ratio", "weight_decay", "clip_norm")
+        # inf and nan pass comparisons like `lr > 0` (or fail them with a misleading message)
+        nonfinite = [
+            f"{n}={getattr(self, n)!r} must be a finite number"
+            for n in floats
+            if not isinstance(getattr(self, n), (int, float)) or not math.isfinite(getattr(self, n))
+        ]
+        if nonfinite:
+            raise ConfigError("Invalid TrainConfig: " + "; ".join(nonfinite) + ".")
         problems = [
             f"{n}={getattr(self, n)!r} must be a positive int"
             for n in ("steps", "batch_size", "microbatches", "eval_every", "eval_batches")
