@@ -425,52 +425,8 @@ def _initial_state(
         )
     # the restore target is abstract: no second train state is allocated to learn its shapes
     target = step_fn.abstract_state()
-    _check_same_structure(ckpt, step, target, out_dir)
     state = ckpt.restore(step, target=target)
     return state, step, _read_history(out_dir, step)
-
-
-def _dotted(path: tuple) -> str:
-    """A pytree key path as orbax names the leaf: ``params.up.kernel.value``."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):  # DictKey/FlattenedIndexKey, GetAttrKey, SequenceKey
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return ".".join(parts)
-
-
-def _describe(shape: Any, dtype: Any) -> str:
-    return f"{np.dtype(dtype).name}[{','.join(map(str, shape))}]"
-
-
-def _check_same_structure(ckpt: Checkpointer, step: int, target: Any, out_dir: str | None) -> None:
-    """Refuse a checkpoint whose arrays (paths, shapes, dtypes) differ from the new train state.
-
-    Orbax would fail deep inside with a message that names no parameter, or (for a missing
-    leaf) restore what it can; this names the first differing path instead.
-    """
-    try:
-        saved_tree = ckpt.manager.item_metadata(step)["state"]
-        saved_tree = getattr(saved_tree, "tree", saved_tree)
-    except Exception as err:  # orbax raises many types for unreadable files
-        raise CheckpointError(
-            f"Cannot read the array metadata of checkpoint step {step} in {out_dir!r}: {err}"
-        ) from None
-    saved = {m.name: _describe(m.shape, m.dtype) for m in jax.tree.leaves(saved_tree)}
-    new = {
-        _dotted(p): _describe(x.shape, x.dtype)
-        for p, x in jax.tree_util.tree_flatten_with_path(target)[0]
-    }
-    for name in sorted(saved.keys() | new.keys()):
-        there, here = saved.get(name, "absent"), new.get(name, "absent")
-        if there != here:
-            raise CheckpointError(
-                f"Checkpoint step {step} in {out_dir!r} does not fit this model and optimizer: "
-                f"{name} is {there} there, {here} here. Fix: build the same model and "
-                f"optimizer as the saved run, or train into a new out_dir."
-            )
 
 
 def _summarize(result: FitResult) -> None:
