@@ -288,7 +288,7 @@ PP_CASES = [
 
 @pytest.mark.parametrize(("strategy", "spec", "k", "schedule"), PP_CASES)
 def test_pipeline_prediction_matches_compiled_step(strategy, spec, k, schedule, make_mesh):
-    """The step jmp.train.loop._gpt_parts makes for a 'stage' mesh, compiled from abstract shapes."""
+    """The step the GPT loop makes for a stage mesh, compiled from abstract shapes."""
     from jmp.pipeline import PipelinedGPT, make_loss_fn
 
     mesh = make_mesh(spec)

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from jmp import strategies
 from jmp.cli.common import add_model_args, mesh_spec, setup
@@ -61,6 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import jmp
     import jmp.runtime.distributed
     from jmp.models.generate import generate
+    from jmp.models.gpt import GPT
     from jmp.train import TrainConfig
     from jmp.train.data import TextData
     from jmp.train.loop import build_model, run_training
@@ -121,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if args.sample:
         text = generate(
-            result.model,
+            cast(GPT, result.model),  # run_training trains a GPT
             "def ",
             mesh=mesh,
             rules=rules,

@@ -102,7 +102,7 @@ def _check_batch(batch: Batch, microbatches: int, mesh: Mesh, rules: Rules) -> N
             f"A batch must be a pytree of arrays sharing one leading (batch) dim; its leaves "
             f"have shapes {shapes}. Fix: stack examples along axis 0 in every leaf."
         )
-    check_batch(sizes.pop(), microbatches, mesh, rules)
+    check_batch(shapes[0][0], microbatches, mesh, rules)
 
 
 def _batch_source(batches: Batches, start: int) -> Callable[[int], Batch]:
