@@ -1,9 +1,12 @@
-"""Pipeline parallelism: a GPT's blocks split into stages over a ``'stage'`` mesh axis.
+"""Pipeline parallelism: any model's stack of blocks split into stages over a ``'stage'`` axis.
 
 Stage s holds blocks ``s*L .. (s+1)*L - 1`` and passes its activations to stage s+1 with
-``jax.lax.ppermute``, one microbatch per tick. Four modules, one concept each, imported one
-way (``run -> model -> split``, ``run -> schedule``):
+``jax.lax.ppermute``, one microbatch per tick. Five modules, one concept each, imported one
+way (``run -> stack``, ``run -> schedule``, ``model -> split -> stack``):
 
+- :mod:`~jmp.pipeline.stack`: the layout. :func:`stack_blocks` stacks a user's block module
+  ``(stage, layers, ...)``; a model with such ``blocks``, ``embed_inputs`` and ``head_loss`` is
+  :class:`Pipelinable`, whatever else it is.
 - :mod:`~jmp.pipeline.split`: planning. :func:`split_stages` splits the blocks uniformly or
   balanced by parameters or FLOPs and returns a :class:`StageSplit` report.
 - :mod:`~jmp.pipeline.model`: :class:`PipelinedGPT`, the GPT with its blocks' parameters
@@ -17,7 +20,7 @@ way (``run -> model -> split``, ``run -> schedule``):
 Every public name is re-exported here, so ``from jmp.pipeline import X`` does not depend on
 which module X lives in.
 
-Example:
+Example (jmp's GPT; tests/test_pipeline_any.py pipelines a plain-NNX model):
     >>> mesh = jmp.make_mesh("stage=4,data=2")
     >>> rules = jmp.rules.preset("pp_dp", mesh)
     >>> model = jmp.shard_init(lambda r: PipelinedGPT(cfg, num_stages=4, rngs=r), mesh, rules)
@@ -26,13 +29,7 @@ Example:
     ...                                             num_microbatches=8))(model, batch)
 """
 
-from jmp.pipeline.model import (
-    STAGE,
-    PipelinedGPT,
-    run_blocks,
-    stack_params,
-    unstack_params,
-)
+from jmp.pipeline.model import PipelinedGPT, stack_params, unstack_params
 from jmp.pipeline.run import (
     Batch,
     check_pipeline,
@@ -49,26 +46,46 @@ from jmp.pipeline.split import (
     check_stages,
     split_stages,
 )
+from jmp.pipeline.stack import (
+    STAGE,
+    Pipelinable,
+    check_layers,
+    is_stacked,
+    num_stages_of,
+    run_blocks,
+    run_stack,
+    stack_blocks,
+    stack_states,
+    unstack_states,
+)
 
 __all__ = [
     "SCHEDULES",
     "STAGE",
     "Batch",
+    "Pipelinable",
     "PipelinedGPT",
     "Schedule",
     "ScheduleName",
     "StageSplit",
     "block_flops",
     "block_params",
+    "check_layers",
     "check_pipeline",
     "check_stages",
+    "is_stacked",
     "make_loss_fn",
     "make_schedule",
+    "num_stages_of",
     "pipeline_loss",
     "pipeline_loss_and_grads",
     "run_blocks",
+    "run_stack",
     "split_microbatches",
     "split_stages",
+    "stack_blocks",
     "stack_params",
+    "stack_states",
     "unstack_params",
+    "unstack_states",
 ]

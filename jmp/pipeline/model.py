@@ -9,8 +9,10 @@ the two layouts. Called directly it runs the blocks in order on one program: the
 pipeline is tested against, and what generation uses.
 
 Stages hold equal block counts (``n_layers`` divisible by the number of stages): a stack needs
-one shape. The schedules in :mod:`jmp.pipeline.run` call :meth:`PipelinedGPT.embed_tokens`,
-:func:`run_blocks` and :meth:`PipelinedGPT.head_loss` piece by piece, one stage at a time.
+one shape. It is one :class:`~jmp.pipeline.stack.Pipelinable` model: the schedules in
+:mod:`jmp.pipeline.run` call its ``embed_inputs``, its stacked ``blocks`` and ``head_loss`` piece
+by piece, one stage at a time, as they do for any model built with
+:func:`~jmp.pipeline.stack.stack_blocks`.
 
 Example:
     >>> model = PipelinedGPT(GPTConfig.named("tiny", n_layers=4), num_stages=2,
@@ -22,45 +24,24 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jmp import strategies
 from jmp.errors import ConfigError
 from jmp.losses import cross_entropy
 from jmp.models.gpt import GPT, Block, GPTConfig
 from jmp.pipeline.split import check_stages
+from jmp.pipeline.stack import run_stack, stack_blocks, stack_states, unstack_states
 from jmp.rules import Rules
 from jmp.sharding import named_shardings
-
-#: The mesh axis (and logical axis name) the stages are split over.
-STAGE = strategies.STAGE_AXIS
-
-
-def _is_var(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _stack_states(states: list[nnx.State], num_stages: int) -> nnx.State:
-    """Blocks' states -> one state with leaves ``(stage, layers, ...)`` named accordingly."""
-
-    def stack(*vs: nnx.Variable) -> nnx.Variable:
-        value = jnp.stack([v.get_value() for v in vs])
-        value = value.reshape(num_stages, len(vs) // num_stages, *value.shape[1:])
-        names = tuple(vs[0].get_metadata()["out_sharding"])
-        return vs[0].replace(value, out_sharding=(STAGE, "layers") + names)
-
-    return jax.tree.map(stack, *states, is_leaf=_is_var)
 
 
 class PipelinedGPT(GPT):
     """:class:`~jmp.models.gpt.GPT` with its blocks' parameters stacked per pipeline stage.
 
-    The embedding and output ends, ``embed_tokens`` and ``logits`` are GPT's own.
+    The embedding and output ends, ``embed_tokens`` and ``logits`` are GPT's own;
+    ``embed_inputs`` and ``head_loss`` are the pipeline's view of them.
 
     ``blocks`` is one :class:`~jmp.models.gpt.Block` whose every parameter has two leading
     dims ``(num_stages, n_layers // num_stages)`` named ``('stage', 'layers')``. Parameters are
@@ -81,10 +62,8 @@ class PipelinedGPT(GPT):
             raise ConfigError("Cannot build PipelinedGPT: " + "; ".join(problems) + ".")
         self.num_stages = num_stages
         self._init_embedding(cfg, rngs)
-        blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
-        graphdef = nnx.split(blocks[0])[0]
-        self.blocks = nnx.merge(
-            graphdef, _stack_states([nnx.split(b)[1] for b in blocks], num_stages)
+        self.blocks = stack_blocks(
+            lambda r: Block(cfg, rngs=r), num_layers=cfg.n_layers, num_stages=num_stages, rngs=rngs
         )
         self._init_output(cfg, rngs)
 
@@ -92,19 +71,21 @@ class PipelinedGPT(GPT):
     def blocks_per_stage(self) -> int:
         return self.cfg.n_layers // self.num_stages
 
-    def head_loss(self, x: jax.Array, targets: jax.Array) -> jax.Array:
-        """Mean cross-entropy of the logits of ``x``: the last stage's output."""
-        return cross_entropy(self.logits(x), targets, mode=self.cfg.mode)
+    @property
+    def remat(self) -> bool:
+        return self.cfg.remat
+
+    def embed_inputs(self, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+        """The first stage's input: the embedded tokens of ``batch = (inputs, targets)``."""
+        return self.embed_tokens(batch[0])
+
+    def head_loss(self, x: jax.Array, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+        """Mean cross-entropy of the logits of ``x`` (the last stage's output) on the targets."""
+        return cross_entropy(self.logits(x), batch[1], mode=self.cfg.mode)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Logits ``(batch, seq, vocab)``, the blocks run in order (no pipelining)."""
-        graphdef, state = nnx.split(self.blocks)
-        x = self.embed_tokens(tokens)
-        for s in range(self.num_stages):
-            x = run_blocks(
-                graphdef, jax.tree.map(lambda a, s=s: a[s], state), x, remat=self.cfg.remat
-            )
-        return self.logits(x)
+        return self.logits(run_stack(self.blocks, self.embed_tokens(tokens), remat=self.cfg.remat))
 
     @classmethod
     def from_gpt(
@@ -142,35 +123,12 @@ def stack_params(state: nnx.State, num_stages: int, /) -> nnx.State:
     """
     n = len(state["blocks"])
     new = {k: v for k, v in state.items() if k != "blocks"}
-    new["blocks"] = _stack_states([state["blocks"][i] for i in range(n)], num_stages)
+    new["blocks"] = stack_states([state["blocks"][i] for i in range(n)], num_stages)
     return nnx.State(new)
 
 
 def unstack_params(state: nnx.State, /) -> nnx.State:
     """The inverse of :func:`stack_params`: a :class:`PipelinedGPT`'s state in ``GPT``'s layout."""
-    leaves = jax.tree.leaves(state["blocks"], is_leaf=_is_var)
-    stages, per = leaves[0].get_value().shape[:2]
-
-    def one(v: nnx.Variable, i: int) -> nnx.Variable:
-        names = tuple(v.get_metadata()["out_sharding"])[2:]
-        return v.replace(v.get_value()[i // per, i % per], out_sharding=names)
-
     new = {k: v for k, v in state.items() if k != "blocks"}
-    new["blocks"] = {
-        i: jax.tree.map(lambda v, i=i: one(v, i), state["blocks"], is_leaf=_is_var)
-        for i in range(stages * per)
-    }
+    new["blocks"] = dict(enumerate(unstack_states(state["blocks"])))
     return nnx.State(new)
-
-
-def run_blocks(
-    graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, /, *, remat: bool = False
-) -> jax.Array:
-    """Apply blocks whose parameters are stacked on a leading ``layers`` dim, in order."""
-
-    def one(layer: nnx.State, h: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, layer)(h)
-
-    if remat:
-        one = jax.checkpoint(one)
-    return jax.lax.scan(lambda h, layer: (one(layer, h), None), x, state)[0]

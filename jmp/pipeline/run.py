@@ -1,4 +1,8 @@
-"""Running a schedule: the pipelined loss and gradients of a :class:`PipelinedGPT`.
+"""Running a schedule: the pipelined loss and gradients of any pipelinable model.
+
+The model is a :class:`~jmp.pipeline.stack.Pipelinable`: stacked ``blocks`` (built with
+:func:`~jmp.pipeline.stack.stack_blocks`, e.g. :class:`PipelinedGPT`'s), ``embed_inputs`` and
+``head_loss``; the batch is any pytree of arrays with a leading batch dim.
 
 :func:`pipeline_loss` / :func:`pipeline_loss_and_grads` run a :class:`Schedule` from
 :mod:`jmp.pipeline.schedule`: GPipe (all forwards, then autodiff does all backwards) or 1F1B
@@ -52,15 +56,16 @@ from jax.sharding import PartitionSpec as P
 
 from jmp.context import activation_spec, constrain
 from jmp.errors import ConfigError
-from jmp.pipeline.model import STAGE, PipelinedGPT, run_blocks
 from jmp.pipeline.schedule import SCHEDULES, Schedule, ScheduleName, make_schedule
+from jmp.pipeline.stack import STAGE, Pipelinable, is_stacked, num_stages_of, run_blocks
 from jmp.rules import axes_tuple
 
-Batch = tuple[jax.Array, jax.Array]
+#: A batch: any pytree of arrays sharing a leading batch dim (jmp's GPT: (inputs, targets)).
+Batch = Any
 
 
 def split_microbatches(batch: Batch, num_microbatches: int, /) -> Batch:
-    """``(B, T)`` arrays -> ``(M, B / M, T)``; microbatch m holds rows m, m + M, m + 2M, ...
+    """Each ``(B, ...)`` leaf -> ``(M, B / M, ...)``; microbatch m holds rows m, m + M, ...
 
     Strided rows keep each device's rows on that device: a device holding a contiguous block
     of the batch holds the same share of every microbatch, so the split moves no data. (The
@@ -72,7 +77,7 @@ def split_microbatches(batch: Batch, num_microbatches: int, /) -> Batch:
         a = a.reshape(a.shape[0] // M, M, *a.shape[1:]).swapaxes(0, 1)
         return constrain(a, (None, "batch") + (None,) * (a.ndim - 2))
 
-    return split(batch[0]), split(batch[1])
+    return jax.tree.map(split, batch)
 
 
 def _batch_ways(mesh: Mesh) -> tuple[tuple[str, ...], int]:
@@ -82,10 +87,20 @@ def _batch_ways(mesh: Mesh) -> tuple[tuple[str, ...], int]:
 
 
 def check_pipeline(
-    model: PipelinedGPT, mesh: Mesh, /, *, num_microbatches: int, batch_size: int | None = None
+    model: Any, mesh: Mesh, /, *, num_microbatches: int, batch_size: int | None = None
 ) -> None:
     """Raise a :class:`~jmp.ConfigError` listing everything that stops this pipeline run."""
-    S, M = model.num_stages, num_microbatches
+    if not is_stacked(model):
+        raise ConfigError(
+            f"Cannot pipeline a {type(model).__name__}: a pipelined model needs stacked "
+            f"`blocks` (jmp.pipeline.stack_blocks), `embed_inputs(batch)` and "
+            f"`head_loss(x, batch)`. Fix: add them (see jmp.pipeline.stack), or use a "
+            f"strategy without pp."
+        )
+    S, M = num_stages_of(cast(Pipelinable, model).blocks), num_microbatches
+    cfg = getattr(model, "cfg", None)
+    n_layers = getattr(cfg, "n_layers", None)
+    layers = f"n_layers={n_layers}" if n_layers else "the block count"
     problems = []
     if STAGE not in mesh.shape:
         problems.append(
@@ -96,10 +111,10 @@ def check_pipeline(
         problems.append(
             f"the model has {S} stages but the mesh's 'stage' axis has size "
             f"{mesh.shape[STAGE]}. Fix: build the model with num_stages="
-            f"{mesh.shape[STAGE]} (n_layers={model.cfg.n_layers} must be divisible "
+            f"{mesh.shape[STAGE]} ({layers} must be divisible "
             f"by it), or use a mesh with stage={S}"
         )
-    if model.cfg.mode != "auto":
+    if getattr(cfg, "mode", "auto") != "auto":
         problems.append(
             "GPTConfig.mode='manual' is not supported inside the pipeline (the "
             "layers' own shard_map, nested in the stage shard_map, fails to lower "
@@ -140,20 +155,26 @@ class _Stage:
     """What one stage computes, as pure functions of (its blocks, the shared parameters).
 
     Built inside the ``shard_map`` body: ``blocks`` is this stage's ``(layers, ...)`` slice,
-    ``tokens``/``targets`` all ``M`` microbatches ``(M, rows, seq)``.
+    ``batch`` all ``M`` microbatches, each leaf ``(M, rows, ...)``.
     """
 
-    def __init__(self, model: PipelinedGPT, tokens: jax.Array, targets: jax.Array) -> None:
+    def __init__(self, model: Pipelinable, batch: Batch, blocks: nnx.State, shared: Any) -> None:
         self.graphdef = nnx.graphdef(model)
         self.blocks_def = nnx.graphdef(model.blocks)
-        self.S, self.M, self.remat = model.num_stages, tokens.shape[0], model.cfg.remat
-        self.dtype = jnp.dtype(model.cfg.dtype)
-        self.act_shape = (*tokens.shape[1:], model.cfg.d_model)
-        self.tokens, self.targets = tokens, targets
+        self.S = num_stages_of(model.blocks)
+        self.M = jax.tree.leaves(batch)[0].shape[0]
+        self.remat = bool(getattr(model, "remat", False))
+        self.batch = batch
         self.index = jax.lax.axis_index(STAGE)
+        # what flows between stages: the shape and dtype of the first stage's input
+        act = jax.eval_shape(lambda: self._model(blocks, shared).embed_inputs(self._micro(0)))
+        self.act_shape, self.dtype = act.shape, act.dtype
 
-    def _model(self, blocks: nnx.State, shared: nnx.State) -> PipelinedGPT:
+    def _model(self, blocks: nnx.State, shared: nnx.State) -> Pipelinable:
         return nnx.merge(self.graphdef, blocks, shared)
+
+    def _micro(self, micro: Any) -> Batch:
+        return jax.tree.map(lambda a: a[jnp.clip(micro, 0, self.M - 1)], self.batch)
 
     def zeros(self, *lead: int) -> jax.Array:
         """A stage-varying zero activation (for loop carries), with leading dims ``lead``."""
@@ -162,35 +183,32 @@ class _Stage:
     def forward(
         self, blocks: nnx.State, shared: nnx.State, x: jax.Array, micro: jax.Array
     ) -> jax.Array:
-        """This stage's output for microbatch ``micro`` (the first stage embeds its tokens)."""
-        tokens = self.tokens[jnp.clip(micro, 0, self.M - 1)]
+        """This stage's output for microbatch ``micro`` (the first stage embeds its inputs)."""
+        inputs = self._micro(micro)
         # Every stage embeds and only the first keeps it: a select, not a lax.cond. With
         # collectives inside a branch taken by only some devices, XLA's CPU runtime was seen
         # to deadlock; the same ops in the same order on every device is what SPMD is safe with.
-        h = jnp.where(self.index == 0, self._model(blocks, shared).embed_tokens(tokens), x)
+        h = jnp.where(self.index == 0, self._model(blocks, shared).embed_inputs(inputs), x)
         return run_blocks(self.blocks_def, blocks, h.astype(self.dtype), remat=self.remat)
 
     def forward_loss(
         self, blocks: nnx.State, shared: nnx.State, x: jax.Array, micro: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
-        """(output, loss): the loss is the last stage's cross-entropy, 0 on the others."""
+        """(output, loss): the loss is the last stage's ``head_loss``, 0 on the others."""
         y = self.forward(blocks, shared, x, micro)
-        targets = self.targets[jnp.clip(micro, 0, self.M - 1)]
-        loss = self._model(blocks, shared).head_loss(y, targets).astype(jnp.float32)
+        loss = self._model(blocks, shared).head_loss(y, self._micro(micro)).astype(jnp.float32)
         return y, jnp.where(self.index == self.S - 1, loss, 0.0)
 
 
-def _gpipe_body(model: PipelinedGPT, schedule: Schedule) -> Callable:
+def _gpipe_body(model: Pipelinable, schedule: Schedule) -> Callable:
     ticks = schedule.ticks // 2  # the forward half; autodiff runs the backward half
 
-    def body(
-        blocks: nnx.State, shared: nnx.State, tokens: jax.Array, targets: jax.Array
-    ) -> jax.Array:
-        stage = _Stage(model, tokens, targets)
+    def body(blocks: nnx.State, shared: nnx.State, batch: Batch) -> jax.Array:
         blocks = jax.tree.map(lambda a: a[0], blocks)
         # Varying from here on: the transpose of this cast is the one psum over 'stage' of the
         # shared parameters' gradients (cast inside the loop, it would be one psum per tick).
         shared = _varying(shared)
+        stage = _Stage(model, batch, blocks, shared)
 
         def tick(carry: tuple, row: jax.Array) -> tuple[tuple, None]:
             x, total = carry
@@ -205,16 +223,16 @@ def _gpipe_body(model: PipelinedGPT, schedule: Schedule) -> Callable:
     return body
 
 
-def _onefoneb_body(model: PipelinedGPT, schedule: Schedule) -> Callable:
+def _onefoneb_body(model: Pipelinable, schedule: Schedule) -> Callable:
     S, M = schedule.num_stages, schedule.num_microbatches
     slots = min(M, 2 * S - 1)  # stage inputs kept for the backward: 2(S-1-s)+1 on stage s
 
     def body(
-        blocks: nnx.State, shared: nnx.State, tokens: jax.Array, targets: jax.Array
+        blocks: nnx.State, shared: nnx.State, batch: Batch
     ) -> tuple[jax.Array, nnx.State, nnx.State]:
-        stage = _Stage(model, tokens, targets)
         blocks = jax.tree.map(lambda a: a[0], blocks)
         shared = _varying(shared)  # gradients summed over 'stage' once, at the end
+        stage = _Stage(model, batch, blocks, shared)
         carry = dict(
             x=stage.zeros(),
             g=stage.zeros(),
@@ -276,13 +294,12 @@ def _onefoneb_body(model: PipelinedGPT, schedule: Schedule) -> Callable:
     return body
 
 
-def _run(
-    model: PipelinedGPT, batch: Batch, mesh: Mesh, num_microbatches: int, schedule: str
-) -> Any:
+def _run(model: Any, batch: Batch, mesh: Mesh, num_microbatches: int, schedule: str) -> Any:
     """The loss (GPipe) or (loss, block grads, shared grads) (1F1B) of one pipelined run."""
-    check_pipeline(model, mesh, num_microbatches=num_microbatches, batch_size=batch[0].shape[0])
-    plan = make_schedule(schedule, model.num_stages, num_microbatches)
-    tokens, targets = split_microbatches(batch, num_microbatches)
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    check_pipeline(model, mesh, num_microbatches=num_microbatches, batch_size=rows)
+    plan = make_schedule(schedule, num_stages_of(model.blocks), num_microbatches)
+    micro = split_microbatches(batch, num_microbatches)
     _, blocks, shared = nnx.split(model, nnx.PathContains("blocks"), ...)
     if schedule == "gpipe":
         body, out_specs = _gpipe_body(model, plan), P()
@@ -291,8 +308,8 @@ def _run(
     # Manual over 'stage' only: inside, 'data' and 'model' stay with the compiler, so the
     # layers' tensor-parallel collectives and the batch split work as without a pipeline.
     return jax.shard_map(
-        body, mesh=mesh, in_specs=(P(STAGE), P(), P(), P()), out_specs=out_specs, axis_names={STAGE}
-    )(blocks, shared, tokens, targets)
+        body, mesh=mesh, in_specs=(P(STAGE), P(), P()), out_specs=out_specs, axis_names={STAGE}
+    )(blocks, shared, micro)
 
 
 def _check_schedule(schedule: str) -> None:
@@ -301,7 +318,7 @@ def _check_schedule(schedule: str) -> None:
 
 
 def pipeline_loss_and_grads(
-    model: PipelinedGPT,
+    model: nnx.Module,
     batch: Batch,
     /,
     *,
@@ -314,8 +331,10 @@ def pipeline_loss_and_grads(
     Call it inside ``jax.jit`` and :func:`jmp.activate` (the layers read the rules from it).
 
     Args:
-        model: a :class:`PipelinedGPT` with ``num_stages == mesh.shape['stage']``.
-        batch: ``(inputs, targets)``, each ``(batch, seq)`` integer tokens.
+        model: a :class:`~jmp.pipeline.stack.Pipelinable` model (e.g. :class:`PipelinedGPT`)
+            whose blocks are stacked over ``mesh.shape['stage']`` stages.
+        batch: any pytree of arrays with a leading batch dim (PipelinedGPT: ``(inputs,
+            targets)``, each ``(batch, seq)`` integer tokens).
         num_microbatches: M; the batch splits into M microbatches of ``batch / M`` rows.
         schedule: ``'gpipe'`` (all forwards, then all backwards by autodiff: every
             microbatch's activations live at once) or ``'1f1b'`` (an explicit per-stage
@@ -340,12 +359,12 @@ def pipeline_loss_and_grads(
     return loss, _merge_grads(model, g_blocks, g_shared)
 
 
-def _merge_grads(model: PipelinedGPT, g_blocks: nnx.State, g_shared: nnx.State) -> nnx.State:
+def _merge_grads(model: nnx.Module, g_blocks: nnx.State, g_shared: nnx.State) -> nnx.State:
     return nnx.state(nnx.merge(nnx.graphdef(model), g_blocks, g_shared))
 
 
 def pipeline_loss(
-    model: PipelinedGPT,
+    model: nnx.Module,
     batch: Batch,
     /,
     *,
@@ -385,7 +404,7 @@ def _onefoneb_fwd(
 def _onefoneb_bwd(
     graphdef: nnx.GraphDef, mesh: Mesh, num_microbatches: int, grads: nnx.State, ct: jax.Array
 ) -> tuple[nnx.State, None]:
-    return jax.tree.map(lambda g: (g * ct).astype(g.dtype), grads), None  # tokens: no grad
+    return jax.tree.map(lambda g: (g * ct).astype(g.dtype), grads), None  # the batch: no grad
 
 
 _onefoneb_loss.defvjp(_onefoneb_fwd, _onefoneb_bwd)
@@ -406,9 +425,8 @@ def make_loss_fn(
     make_schedule(schedule, 1, num_microbatches)  # fail now, not at the first step
 
     def loss_fn(model: nnx.Module, batch: Batch, /) -> jax.Array:
-        # make_step hands the model it was built with (a PipelinedGPT) back as an nnx.Module
         return pipeline_loss(
-            cast(PipelinedGPT, model),
+            model,
             batch,
             mesh=mesh,
             num_microbatches=num_microbatches,

@@ -27,6 +27,7 @@ import numpy as np
 
 from jmp.errors import ConfigError
 from jmp.models.gpt import GPTConfig
+from jmp.pipeline.stack import check_layers
 
 
 def block_params(cfg: GPTConfig, /) -> int:
@@ -165,23 +166,12 @@ def split_stages(
 
 
 def check_stages(cfg: GPTConfig, num_stages: int, /, *, uniform: bool = True) -> list[str]:
-    """Problems (empty if none) with splitting ``cfg``'s blocks into ``num_stages`` stages."""
-    n = cfg.n_layers
-    if not isinstance(num_stages, int) or num_stages < 1:
-        return [f"num_stages={num_stages!r} must be a positive int"]
-    if num_stages > n:
-        return [
-            f"{num_stages} stages exceed n_layers={n} (every stage needs a block). Fix: use "
-            f"a 'stage' mesh axis of size in {_divisors(n)}"
-        ]
-    if uniform and n % num_stages:
-        return [
-            f"n_layers={n} is not divisible by the {num_stages} stages (the 'stage' mesh axis "
-            f"size). Fix: use a 'stage' axis of size in {_divisors(n)}, or n_layers a "
-            f"multiple of {num_stages} (e.g. {n + (-n) % num_stages})"
-        ]
+    """Problems (empty if none) with splitting ``cfg``'s blocks into ``num_stages`` stages.
+
+    A uniform split is what runs (see :func:`jmp.pipeline.stack.check_layers` for why an
+    uneven one is only a report); a balanced split only needs a block per stage.
+    """
+    problems = check_layers(cfg.n_layers, num_stages)
+    if uniform or not problems or "not divisible" not in problems[0]:
+        return problems
     return []
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
