@@ -84,5 +84,29 @@ class Checkpointer:
             ) from None
         return out["state"]
 
+    def restore_params(self, step: int, *, target: Any) -> Any:
+        """Only the parameters of ``step`` (no optimizer state is read or allocated).
+
+        ``target`` is the abstract parameters (shapes, dtypes, shardings), e.g.
+        ``step.abstract_state().params``; what sampling or evaluation needs.
+        """
+        item = {"params": target}
+        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), item)
+        try:
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=item, restore_args=restore_args, partial_restore=True
+                    )
+                ),
+            )
+        except Exception as err:
+            raise CheckpointError(
+                f"Cannot restore the parameters of checkpoint step {step} from "
+                f"{self.directory!r}: {type(err).__name__}: {err}"
+            ) from None
+        return out["state"]["params"]
+
     def close(self) -> None:
         self.manager.close()
