@@ -17,3 +17,13 @@ def run_jmp(*args: str, timeout: int = 300, env: dict | None = None) -> subproce
         timeout=timeout,
         env=full_env,
     )
+
+
+def set_unwritable(path: str, on: bool) -> bool:
+    """Make ``path`` unwritable (``on``) or writable again, for root too (``chattr +i``, as
+    root ignores permission bits); False where that is not possible here."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555 if on else 0o755)
+        return True
+    flag = "+i" if on else "-i"
+    return subprocess.run(["chattr", flag, path], capture_output=True).returncode == 0

@@ -202,8 +202,8 @@ def test_cli_resume_errors(tmp_path):
         "--resume",
         timeout=120,
     )
-    assert other.returncode == 2 and "another model config" in other.stderr
-    assert "Traceback" not in other.stderr
+    assert other.returncode == 2 and "these settings differ" in other.stderr, other.stderr
+    assert "model.d_model" in other.stderr and "Traceback" not in other.stderr
     # resume on another mesh and strategy through the CLI
     moved = run_jmp(
         "train",
@@ -217,9 +217,11 @@ def test_cli_resume_errors(tmp_path):
         "fsdp",
         "--mesh",
         "data=8",
+        "--extend",  # 3 steps, not the run's 2: the learning-rate schedule is recomputed
         timeout=120,
     )
     assert moved.returncode == 0, moved.stderr[-2000:]
+    assert "resharding the run from dp_tp" in moved.stdout and "--extend" in moved.stdout
     assert len(_losses(out)) == 3
 
 

@@ -7,7 +7,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -46,7 +45,24 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--eval-every", type=int, default=100)
     train.add_argument("--checkpoint-every", type=int, default=100)
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest checkpoint (same settings; the mesh "
+        "and strategy may change)",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out that holds one, moving the old run aside to "
+        "<out>.replaced-<time> (never deleted)",
+    )
+    train.add_argument(
+        "--extend",
+        action="store_true",
+        help="with --resume: accept a --steps other than the run's (the learning-rate "
+        "schedule is recomputed for it)",
+    )
     train.add_argument(
         "--skip-nonfinite", action="store_true", help="skip NaN/inf updates instead of stopping"
     )
@@ -64,7 +80,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jmp.models.gpt import GPT
     from jmp.train import TrainConfig
     from jmp.train.data import TextData
-    from jmp.train.loop import build_model, run_training
+    from jmp.train.loop import run_training
+    from jmp.train.run_folder import RunFolder, check_new_run, move_aside, write_config
 
     cluster = _start_distributed(args)
     main_process = cluster is None or cluster.is_main
@@ -79,13 +96,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     out = os.path.abspath(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
     out = jmp.runtime.distributed.same_on_all(out)  # the processes may start a second apart
-    if args.resume and not os.path.isdir(out):
-        raise jmp.JmpError(
-            f"--resume: run folder {out!r} does not exist. Fix: pass the --out of an earlier run."
-        )
-    os.makedirs(out, exist_ok=True)
-    console = Console(width=None if sys.stdout.isatty() else 120, quiet=not main_process)
+    folder = RunFolder(out)
+    data = TextData.from_paths(args.data)
+    data.check(cfg.seq_len, cfg.vocab_size)
+    digest = _check_same_data(data)
     shape = ",".join(f"{k}={v}" for k, v in mesh.shape.items())
+    config = {
+        "model": cfg.to_dict(),
+        "train": train_cfg.to_dict(),
+        "data": {
+            "sha256": digest,
+            "paths": args.data,
+            "bytes": int(data.train.size + data.val.size),
+        },
+        "strategy": args.strategy,
+        "mesh": shape,
+    }
+    # Every check first: until they all pass, nothing in the run folder changes.
+    notes: list[str] = []
+    if args.resume:
+        notes = _check_resume(folder, config, args)
+    else:
+        check_new_run(folder, overwrite=args.overwrite)
+    console = Console(width=None if sys.stdout.isatty() else 120, quiet=not main_process)
+    if main_process:
+        if args.overwrite and not args.resume and folder.holds_run():
+            notes.append(f"moved the run that was in {out} aside to {move_aside(folder)}")
+        write_config(folder, config)
     where = f"{mesh.devices.flat[0].platform}" + (
         f", {cluster.num_processes} processes" if cluster else ""
     )
@@ -94,13 +131,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"devices={mesh.size} ({where}) model={args.model} "
         f"({cfg.num_params():,} params) out={out}"
     )
-    data = TextData.from_paths(args.data)
-    _check_same_data(data)
-    meta = {"strategy": args.strategy, "mesh": shape}
-    if main_process:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump({"model": cfg.to_dict(), "train": train_cfg.to_dict(), **meta}, f, indent=2)
-    jmp.param_table(build_model(cfg, mesh, rules, seed=args.seed)).print(console)
+    for note in notes:
+        console.print(note, markup=False, highlight=False)
     result = run_training(
         cfg,
         train_cfg,
@@ -112,8 +144,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         checkpoint_every=args.checkpoint_every,
         skip_nonfinite=args.skip_nonfinite,
-        meta=meta,
+        meta={k: config[k] for k in ("strategy", "mesh", "data")},
         schedule=args.schedule,
+        show_params=True,  # from the model being trained: it is built once
     )
     console.print(
         f"train loss {result.train_loss:.3f}  validation loss {result.val_loss:.3f} "
@@ -137,6 +170,83 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stages(config: dict[str, Any]) -> int:
+    """The pipeline stage count of a run (1 without a pipeline): its parameter layout."""
+    from jmp.mesh import parse_mesh_spec
+
+    if not str(config["strategy"]).startswith("pp"):
+        return 1
+    return parse_mesh_spec(config["mesh"]).get("stage", 1)
+
+
+def _check_resume(folder: Any, config: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """Refuse a resume that would train another run than the one in ``folder``.
+
+    Returns what is allowed to change and does (a new mesh or strategy, extended steps), in
+    words, to print; raises naming every setting that may not change.
+    """
+    import jmp
+    from jmp.train.run_folder import RunFolderError, run_changes
+
+    if not os.path.isdir(folder.path):
+        raise jmp.JmpError(
+            f"--resume: run folder {folder.path!r} does not exist. Fix: pass the --out of an "
+            f"earlier run."
+        )
+    saved = folder.read_config()
+    if "data" not in saved:  # a run written before data fingerprints: its data is unknown
+        saved = {**saved, "data": config["data"]}
+    changes = run_changes(saved, config)
+    if changes:
+        raise RunFolderError(
+            f"--resume: these settings differ from the run in {folder.path!r}: "
+            f"{'; '.join(changes)}. Fix: pass the run's own settings (see its config.json), "
+            f"or start a new run with another --out."
+        )
+    notes = []
+    if _stages(saved) != _stages(config):
+        raise RunFolderError(
+            f"--resume: the run in {folder.path!r} was trained with {saved['strategy']} on "
+            f"{saved['mesh']} ({_stages(saved)} pipeline stage(s)), and its checkpoints hold "
+            f"the blocks in that layout; {args.strategy} on {config['mesh']} needs "
+            f"{_stages(config)}. Fix: resume with a strategy and mesh of "
+            f"{_stages(saved)} stage(s) (any data/model split), or start a new run."
+        )
+    if (saved["strategy"], saved["mesh"]) != (config["strategy"], config["mesh"]):
+        notes.append(
+            f"resharding the run from {saved['strategy']} on {saved['mesh']} onto "
+            f"{config['strategy']} on {config['mesh']}"
+        )
+    done = _latest_checkpoint(folder.path)
+    old_steps, new_steps = saved["train"]["steps"], config["train"]["steps"]
+    if done is not None and new_steps < done:
+        raise RunFolderError(
+            f"--resume: --steps {new_steps} is behind the run, whose latest checkpoint is at "
+            f"step {done}. Fix: --steps {old_steps} (the run's own), or more with --extend."
+        )
+    if new_steps != old_steps:
+        if not args.extend:
+            raise RunFolderError(
+                f"--resume: --steps {new_steps} differs from the run's {old_steps}, and the "
+                f"learning-rate schedule (warmup, then cosine decay over --steps) depends on "
+                f"it. Fix: --steps {old_steps}, or add --extend to continue with the new "
+                f"schedule."
+            )
+        notes.append(
+            f"--extend: training to {new_steps} steps instead of {old_steps}; the "
+            f"learning-rate schedule is recomputed for {new_steps} steps, so from step "
+            f"{(done or 0) + 1} on the run differs from one planned for {old_steps} (and from "
+            f"one planned for {new_steps} from the start)"
+        )
+    return notes
+
+
+def _latest_checkpoint(out: str) -> int | None:
+    ckpt = os.path.join(out, "checkpoints")
+    steps = [int(n) for n in os.listdir(ckpt) if n.isdigit()] if os.path.isdir(ckpt) else []
+    return max(steps) if steps else None
+
+
 def _start_distributed(args: argparse.Namespace) -> Any:
     """Join the other processes when `jmp launch` or a cluster job (JMP_* variables) started us."""
     import jmp.runtime.distributed
@@ -146,19 +256,18 @@ def _start_distributed(args: argparse.Namespace) -> Any:
     return jmp.runtime.distributed.initialize(expected_devices=mesh_spec(args))
 
 
-def _check_same_data(data: Any) -> None:
+def _check_same_data(data: Any) -> str:
     """Every process must read the same bytes (hosts may hold other files under one path)."""
-    import hashlib
-
     import jmp.runtime.distributed
 
-    digest = hashlib.sha256(data.train.tobytes() + data.val.tobytes()).hexdigest()
+    digest = data.fingerprint()
     if jmp.runtime.distributed.same_on_all(digest) != digest:
         raise jmp.runtime.distributed.DistributedError(
             "This process read other training data than process 0 (the files under --data, or "
             "the Python standard library's sources, differ between hosts). Fix: pass --data "
             "with files on a filesystem every host shares."
         )
+    return digest
 
 
 def _link_latest(out: str) -> None:

@@ -1,6 +1,6 @@
 """The analytic planner: memory, communication, FLOPs and time of a GPT train step, per device.
 
-Five modules, one concept each, imported one way (``search -> estimate -> pipeline_costs ->
+Six modules, one concept each, imported one way (``search -> estimate -> pipeline_costs ->
 costs``, ``estimate -> devices``):
 
 - :mod:`~jmp.plan.hardware`: :class:`Device`, the presets :data:`DEVICES`, :func:`get_device`.
@@ -12,6 +12,9 @@ costs``, ``estimate -> devices``):
   :class:`Estimate` and turns them into a roofline step time.
 - :mod:`~jmp.plan.search`: :func:`search` over :func:`candidate_shapes` and strategies, ranked
   by step time; :func:`format_table` renders the ranking.
+- :mod:`~jmp.plan.compare`: :func:`compare` plans any Flax NNX model from its compiled train
+  step (abstract shapes, nothing allocated): one :class:`Candidate` per (strategy, mesh), ranked
+  by step time; :func:`format_comparison` renders them.
 
 Every public name is re-exported here, so ``jmp.plan.X`` does not depend on which module X
 lives in.
@@ -24,6 +27,7 @@ Example:
     >>> console.print(jmp.plan.format_table(ranked[:5]))
 """
 
+from jmp.plan.compare import Candidate, compare, format_comparison
 from jmp.plan.costs import Comm, ParamArray, param_arrays
 from jmp.plan.estimate import PIPELINE_SCHEDULES, STRATEGIES, Estimate, estimate
 from jmp.plan.hardware import DEVICES, Device, GiB, MiB, get_device
@@ -35,6 +39,7 @@ __all__ = [
     "PIPELINE_SCHEDULES",
     "STAGE_AXIS",
     "STRATEGIES",
+    "Candidate",
     "Comm",
     "Device",
     "Estimate",
@@ -42,7 +47,9 @@ __all__ = [
     "MiB",
     "ParamArray",
     "candidate_shapes",
+    "compare",
     "estimate",
+    "format_comparison",
     "format_table",
     "get_device",
     "param_arrays",

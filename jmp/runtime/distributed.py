@@ -158,7 +158,10 @@ def initialize(
     hb = max(10.0, heartbeat_timeout_s or settings.timeout_s)
     _start_jax(settings, hb)
     _cluster = _verify(settings, expected_devices, hosts)
-    rendezvous.start_guard(me.process_id, peers, hosts, grace_s=me.timeout_s)
+    # A hung peer is named at half JAX's heartbeat timeout: before JAX aborts (a C++ trace).
+    rendezvous.start_guard(
+        me.process_id, peers, hosts, grace_s=me.timeout_s, silence_s=max(3.0, hb / 2)
+    )
     return _cluster
 
 

@@ -139,7 +139,7 @@ def launch(
                 )
                 pump.start()
                 pumps.append(pump)
-        first = _supervise(procs)
+        first, hung = _supervise(procs)
     except KeyboardInterrupt:
         _stop(procs, signal.SIGINT)
         _say(sink, lock, "jmp launch: interrupted; stopped every process.")
@@ -148,14 +148,16 @@ def launch(
         _stop(procs, signal.SIGTERM)
         for pump in pumps:
             pump.join(timeout=5)
-    return _report(procs, first, sink, lock)
+    return _report(procs, first, sink, lock, hung=hung)
 
 
-def _supervise(procs: list[subprocess.Popen]) -> int | None:
-    """Wait for all; on the first failure, give the rest GRACE_S, then return its index.
+def _supervise(procs: list[subprocess.Popen]) -> tuple[int | None, bool]:
+    """Wait for all; on the first failure, give the rest GRACE_S; return (culprit, hung).
 
     A process that exits with :data:`EXIT_PEER_LOST` stopped because another was lost: the
-    other is named as the cause when it is seen failing too.
+    other is named as the cause when it is seen failing too. When every failed process only
+    lost a peer and one is still running, that one stopped answering (hung, or SIGSTOP): it
+    is the culprit (``hung``), and the launcher then stops it.
     """
     seen: list[int] = []  # failed processes, in the order they were seen
     deadline = None
@@ -168,9 +170,12 @@ def _supervise(procs: list[subprocess.Popen]) -> int | None:
             break
         time.sleep(0.05)
     if not seen:
-        return None
+        return None, False
     causes = [i for i in seen if procs[i].returncode != EXIT_PEER_LOST]
-    return (causes or seen)[0]
+    alive = [i for i, p in enumerate(procs) if p.poll() is None]
+    if not causes and alive:
+        return alive[0], True
+    return (causes or seen)[0], False
 
 
 def _stop(procs: list[subprocess.Popen], sig: int) -> None:
@@ -203,11 +208,28 @@ def _describe(code: int) -> str:
 
 
 def _report(
-    procs: list[subprocess.Popen], first: int | None, out: IO[str], lock: threading.Lock
+    procs: list[subprocess.Popen],
+    first: int | None,
+    out: IO[str],
+    lock: threading.Lock,
+    *,
+    hung: bool = False,
 ) -> int:
     if first is None:
         return 0
     code = procs[first].returncode
+    if hung:
+        others = ", ".join(
+            f"p{i} {_describe(p.returncode)}" for i, p in enumerate(procs) if i != first
+        )
+        _say(
+            out,
+            lock,
+            f"jmp launch: process {first} (p{first}) failed: it stopped answering (hung, or "
+            f"stopped with SIGSTOP) and was killed; the others stopped because of it "
+            f"({others}).",
+        )
+        return EXIT_PEER_LOST
     others = [
         f"p{i} {_describe(p.returncode)}"
         for i, p in enumerate(procs)
@@ -253,19 +275,19 @@ def add_launch_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--num-processes", type=int, default=2, help="processes (default 2)")
+    p.add_argument("-n", "--num-processes", type=int, default=2, help="processes to start")
     p.add_argument(
         "--local-devices",
         type=int,
         default=4,
-        help="devices per process: simulated CPU devices here (default 4)",
+        help="devices per process: simulated CPU devices here",
     )
     p.add_argument(
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT_S,
         help="seconds the processes wait for each other at start, and to notice a "
-        "lost one (default %(default)g)",
+        "lost one (default: %(default)g)",
     )
     p.add_argument("--script", default=None, help="run `python SCRIPT ARGS` instead of `jmp ARGS`")
     p.add_argument(
@@ -302,7 +324,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m jmp.runtime.launch ...``: the same as ``jmp launch ...``."""
     parser = argparse.ArgumentParser(
-        prog="python -m jmp.runtime.launch", description=add_launch_parser.__doc__
+        prog="python -m jmp.runtime.launch",
+        description=add_launch_parser.__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_args(parser)
     args = parser.parse_args(argv)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import math
 import os
 import selectors
 import socket
@@ -309,14 +310,24 @@ class _PeerGuard:
     Process 0 watches every other process and relays a loss to the rest; the others watch
     process 0. A peer that exits normally sends ``bye`` first (at interpreter exit); if this
     process is still running ``grace_s`` later, that peer left too early and this one stops.
+    Every process sends a ``beat`` each :data:`BEAT_S`; a peer silent for ``silence_s`` (hung,
+    stopped by SIGSTOP, or on a frozen machine: its socket stays open) stops this one too,
+    named, before JAX's own heartbeat timeout would abort it with a C++ stack trace.
     """
 
     def __init__(
-        self, me: int, peers: dict[int, socket.socket], hosts: list, grace_s: float
+        self,
+        me: int,
+        peers: dict[int, socket.socket],
+        hosts: list,
+        grace_s: float,
+        silence_s: float = math.inf,
     ) -> None:
         self.me, self.peers, self.hosts, self.grace_s = me, peers, hosts, grace_s
+        self.silence_s = silence_s
         self.exiting = False
         self.bye: dict[int, float] = {}
+        self.heard = dict.fromkeys(peers, time.monotonic())
         self.lock = threading.Lock()  # the main thread (fail, at exit) and the relay both send
         self.thread = threading.Thread(target=self._run, name="jmp-peer-guard", daemon=True)
 
@@ -344,10 +355,16 @@ class _PeerGuard:
             sock.setblocking(False)
             sel.register(sock, selectors.EVENT_READ, pid)
             buffers[pid] = b""
+        last_beat = 0.0
         while True:
+            now = time.monotonic()
+            if now - last_beat >= BEAT_S:
+                self.announce({"beat": self.me})
+                last_beat = now
             # a timeout, not a blocking select: a "bye" ages even when nothing more arrives
-            for key, _ in sel.select(timeout=0.5):
+            for key, _ in sel.select(timeout=min(0.5, BEAT_S)):
                 pid = key.data
+                self.heard[pid] = time.monotonic()
                 try:
                     chunk = key.fileobj.recv(4096)  # type: ignore[union-attr]
                 except (BlockingIOError, InterruptedError):
@@ -363,6 +380,7 @@ class _PeerGuard:
                 for line in lines:
                     self._message(pid, line)
             self._check_bye()
+            self._check_silence()
 
     def _message(self, pid: int, line: bytes) -> None:
         try:
@@ -395,6 +413,17 @@ class _PeerGuard:
                     f"process is still running: it stopped early (see its output)."
                 )
 
+    def _check_silence(self) -> None:
+        now = time.monotonic()
+        for pid, heard in self.heard.items():
+            if self.exiting or pid in self.bye or now - heard <= self.silence_s:
+                continue
+            self._stop(
+                f"{self._name(pid)} stopped answering: nothing heard from it for "
+                f"{now - heard:.0f} s (it hangs, was stopped with SIGSTOP, or its machine "
+                f"froze)."
+            )
+
     def _stop(self, reason: str) -> None:
         if self.exiting:
             return
@@ -405,17 +434,26 @@ class _PeerGuard:
 
 _guard: _PeerGuard | None = None
 FAIL_SETTLE_S = 0.5
+BEAT_S = 1.0  # how often each process tells its peers it is alive
 
 
-def start_guard(me: int, peers: dict[int, socket.socket], hosts: list, *, grace_s: float) -> None:
+def start_guard(
+    me: int,
+    peers: dict[int, socket.socket],
+    hosts: list,
+    *,
+    grace_s: float,
+    silence_s: float = math.inf,
+) -> None:
     """Watch ``peers`` (from :func:`check_in`) until this process exits; once per process.
 
     A peer lost, or failed, exits this process with :data:`EXIT_PEER_LOST`; a peer that said
-    goodbye may stay gone ``grace_s`` before this process, still running, concludes the same.
+    goodbye may stay gone ``grace_s`` before this process, still running, concludes the same;
+    a peer silent for ``silence_s`` (no heartbeat) is taken as hung, with the same result.
     An uncaught exception here tells the peers (as :func:`fail` does) after it is printed.
     """
     global _guard
-    _guard = _PeerGuard(me, peers, hosts, grace_s=grace_s)
+    _guard = _PeerGuard(me, peers, hosts, grace_s=grace_s, silence_s=silence_s)
     _guard.start()
     # registered after JAX's own exit hook, so it runs first: peers hear "bye" before this
     # process waits in JAX's shutdown barrier

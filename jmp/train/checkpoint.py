@@ -12,7 +12,10 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,7 +25,40 @@ from jmp.errors import JmpError
 
 
 class CheckpointError(JmpError):
-    """A checkpoint is missing, corrupt, or belongs to another model."""
+    """A checkpoint is missing, corrupt, or belongs to another model, or a save failed."""
+
+
+class _OrbaxErrorFilter(logging.Filter):
+    """Drop orbax's own ERROR logs (with tracebacks): :class:`Checkpointer` raises each failure
+    as one :class:`CheckpointError` line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+def _quiet_closed_loop(previous: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    # When a restore fails (a truncated file), tensorstore's reads still in flight finish later
+    # and call back into orbax's closed asyncio loop: "RuntimeError: Event loop is closed",
+    # printed as unraisable exceptions, several tracebacks after our one-line error. Only those
+    # are dropped; every other unraisable exception goes to the previous hook.
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+            return
+        previous(unraisable)
+
+    return hook
+
+
+_QUIETED = False
+
+
+def _quiet_orbax() -> None:
+    global _QUIETED
+    if not _QUIETED:
+        logging.getLogger("absl").addFilter(_OrbaxErrorFilter())
+        sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+        _QUIETED = True
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -42,25 +78,79 @@ class Checkpointer:
                 f"Checkpoint folder {directory!r} does not exist. Fix: check "
                 f"the run folder, or train without --resume first."
             )
+        _quiet_orbax()
         self.directory = directory
         self.manager = ocp.CheckpointManager(
             directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
         )
 
     def save(self, step: int, state: Any, *, meta: dict[str, Any]) -> None:
-        """Start saving asynchronously (training goes on); :meth:`wait` to block."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-        )
+        """Start saving asynchronously (training goes on); :meth:`wait` to block.
+
+        Raises:
+            CheckpointError: this save, or an earlier one still in the background, failed.
+        """
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+            )
+        except Exception as err:
+            raise self._save_failed(err) from None
+
+    def check(self) -> None:
+        """Raise :class:`CheckpointError` now if a save running in the background has failed.
+
+        Cheap (no I/O): the trainer calls it every step, so a failed save stops the run at the
+        next step rather than at the next save.
+        """
+        try:
+            self.manager.check_for_errors()
+        except Exception as err:
+            raise self._save_failed(err) from None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until every save has finished; raise :class:`CheckpointError` if one failed."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as err:
+            raise self._save_failed(err) from None
+
+    def _save_failed(self, err: Exception) -> CheckpointError:
+        last = self.latest_step()
+        kept = (
+            f"the last good checkpoint (step {last}) is kept"
+            if last is not None
+            else "no checkpoint was written"
+        )
+        return CheckpointError(
+            f"Saving a checkpoint into {self.directory!r} failed ({type(err).__name__}: "
+            f"{err}); stopped, {kept}. Fix: make that folder writable (permissions, free "
+            f"space), then continue with --resume (resume=True)."
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def set_aside(self, step: int, into: str) -> str:
+        """Move checkpoint ``step`` out of the way (into the folder ``into``); returns its path.
+
+        For a checkpoint that does not restore: orbax never writes a step at or below its
+        latest, so left in place it would block the saves of the steps redone after it.
+        """
+        os.makedirs(into, exist_ok=True)
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(into, str(step))
+        os.replace(src, dst)
+        self.manager.reload()
+        return dst
+
+    def all_steps(self) -> list[int]:
+        """The committed checkpoint steps, oldest first."""
+        return sorted(self.manager.all_steps())
 
     def meta(self, step: int) -> dict[str, Any]:
         try:

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jmp.errors import ConfigError
 from jmp.rules import Rules
+from jmp.train.run_folder import fingerprint
 
 VOCAB_SIZE = 256
 DEFAULT_MAX_BYTES = 8_000_000
@@ -110,8 +111,9 @@ class TextData:
         split = int(len(tokens) * (1 - val_fraction))
         return cls(train=tokens[:split], val=tokens[split:])
 
-    def check(self, seq_len: int) -> None:
-        """Raise if either split is too short for one sequence of ``seq_len + 1`` tokens."""
+    def check(self, seq_len: int, vocab_size: int | None = None) -> None:
+        """Raise if either split is too short for one sequence of ``seq_len + 1`` tokens, or
+        holds a token id the model's vocabulary does not have (its loss would be NaN)."""
         for name, part in (("train", self.train), ("validation", self.val)):
             if len(part) < seq_len + 2:
                 raise ConfigError(
@@ -119,6 +121,17 @@ class TextData:
                     f"sequence of {seq_len + 1}. Fix: give more text or a "
                     f"shorter --seq."
                 )
+            top = int(part.max()) if len(part) else 0
+            if vocab_size is not None and (top >= vocab_size or int(part.min()) < 0):
+                raise ConfigError(
+                    f"The {name} split holds token id {top}, outside the model's vocabulary "
+                    f"of {vocab_size} (its loss would be NaN). Fix: a model with "
+                    f"vocab_size > {top}, or data whose ids are below {vocab_size}."
+                )
+
+    def fingerprint(self) -> str:
+        """sha256 of the train and validation tokens: what identifies this data in a run."""
+        return fingerprint(self.train, self.val)
 
     def rows(
         self,

@@ -48,6 +48,8 @@ def run_training(
     skip_nonfinite: bool = False,
     meta: dict[str, Any] | None = None,
     schedule: ScheduleName = "1f1b",
+    overwrite: bool = False,
+    show_params: bool = False,
 ) -> RunResult:
     """Train a GPT; write ``metrics.jsonl``, ``loss.png`` and checkpoints under ``out_dir``.
 
@@ -57,7 +59,7 @@ def run_training(
     ``cfg.microbatches`` microbatches).
     """
     check_batch(cfg.batch_size, cfg.microbatches, mesh, rules)
-    data.check(model_cfg.seq_len)
+    data.check(model_cfg.seq_len, model_cfg.vocab_size)
     make_model, loss_fn, eval_loss_fn, microbatches = _gpt_parts(model_cfg, cfg, mesh, schedule)
 
     def batch(k: int, split: str = "train") -> Any:
@@ -89,6 +91,8 @@ def run_training(
         eval_every=cfg.eval_every,
         eval_loss_fn=eval_loss_fn,
         skip_nonfinite=skip_nonfinite,
+        overwrite=overwrite,
+        show_params=show_params,
         progress=console or False,
         meta={"model": model_cfg.to_dict(), "train": cfg.to_dict(), **(meta or {})},
         schedule=lr_schedule(cfg),

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,9 +47,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from jmp.errors import ConfigError, JmpError
 from jmp.rules import Rules, check_batch, preset
-from jmp.sharding import shard_init
+from jmp.sharding import param_table, shard_init
 from jmp.train.checkpoint import Checkpointer, CheckpointError
 from jmp.train.data import local_rows
+from jmp.train.run_folder import RunFolder, check_new_run, move_aside
 from jmp.train.step import Batch, LossFn, TrainState, make_eval_step, make_step, merge_params
 
 
@@ -66,7 +69,11 @@ class FitResult:
     train_loss: float = math.nan
     tokens_per_s: float = math.nan
     skipped: int = 0
+    resumed_from: int | None = None  # the checkpoint step a resumed run started from
 
+
+#: What :func:`fit` itself writes into ``out_dir``: a folder holding any is a run.
+FIT_FILES = ("metrics.jsonl", "checkpoints")
 
 #: A source of batches: ``step -> batch`` (exact on resume) or an iterable of batches.
 Batches = Callable[[int], Batch] | Iterable[Batch]
@@ -147,6 +154,8 @@ def fit(
     resume: bool = False,
     checkpoint_every: int | None = None,
     seed: int = 0,
+    overwrite: bool = False,
+    show_params: bool = False,
     microbatches: int = 1,
     eval_batches: Callable[[int], Batch] | Sequence[Batch] | None = None,
     num_eval_batches: int = 4,
@@ -172,7 +181,12 @@ def fit(
             (:mod:`jmp.strategies`) or :class:`~jmp.Rules`.
         optimizer: an optax transformation (its state is sharded like the parameters).
         steps: the total number of steps (a resumed run counts the steps already done).
-        resume: continue from the latest checkpoint in ``out_dir`` (any mesh or strategy).
+        resume: continue from the latest checkpoint in ``out_dir`` (any mesh or strategy);
+            if it does not restore, from the newest one that does (saying so).
+        overwrite: a new run (no ``resume``) into an ``out_dir`` that already holds one moves
+            the old run aside to ``<out_dir>.replaced-<time>``; without it that is refused
+            (two runs never mix in one folder).
+        show_params: print the parameter table (:func:`jmp.param_table`) of the sharded model.
         eval_batches: ``i -> batch`` (``num_eval_batches`` of them) or a sequence; the mean
             loss is logged as ``val_loss`` every ``eval_every`` steps and at the end.
         skip_nonfinite: skip (do not apply) NaN/inf updates instead of stopping; stops anyway
@@ -188,7 +202,17 @@ def fit(
     """
     if not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps={steps!r} must be a positive int.")
+    if checkpoint_every is not None and (
+        not isinstance(checkpoint_every, int) or checkpoint_every < 0
+    ):
+        raise ConfigError(f"checkpoint_every={checkpoint_every!r} must be an int >= 0.")
     rules = _resolve_rules(mesh, strategy, rules)
+    if out_dir and not resume:  # before anything is built: a refusal costs nothing
+        folder = RunFolder(out_dir)
+        check_new_run(folder, overwrite=overwrite, files=FIT_FILES)
+        if overwrite and _is_main() and folder.holds_run(FIT_FILES):
+            moved = move_aside(folder)
+            _say(_console(progress), f"moved the run in {folder.path} aside to {moved}")
     model = shard_init(make_model, mesh, rules, seed=seed)
     step_fn = make_step(
         model, optimizer, mesh, rules, microbatches=microbatches, loss_fn=loss_fn, schedule=schedule
@@ -196,20 +220,24 @@ def fit(
     eval_step = make_eval_step(model, mesh, rules, loss_fn=eval_loss_fn or loss_fn)
     meta = {**(meta or {})}
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints")) if out_dir else None
-    state, start, history = _initial_state(step_fn, ckpt, resume, meta, out_dir)
+    console = _console(progress)
+    if show_params and console is not None and _is_main():
+        param_table(model).print(console)
+    state, start, history = _initial_state(step_fn, ckpt, resume, meta, out_dir, console)
     next_batch = _batch_source(batches, start)
     evaluate = _evaluator(eval_step, eval_batches, num_eval_batches, step_fn.batch_sharding)
-    result = FitResult(model, state, history)
+    result = FitResult(model, state, history, resumed_from=start if resume else None)
     metrics_file = (
         open(os.path.join(out_dir, "metrics.jsonl"), "a")  # noqa: SIM115
         if (out_dir and _is_main())
         else None
     )
-    console = _console(progress)
     t_start, timed_steps, eval_seconds, in_a_row = None, 0, 0.0, 0
     try:
         with _progress(console, steps, start) as advance:
             for k in range(start, steps):
+                if ckpt:  # a save that failed in the background stops the run now
+                    ckpt.check()
                 host = next_batch(k)
                 if k == start:  # a clear error before the compiler's: the batch must split
                     _check_batch(host, microbatches, mesh, rules)
@@ -247,11 +275,17 @@ def fit(
             _check_finite_params(state, steps, ckpt)
             ckpt.save(steps, state, meta=_checkpoint_meta(meta, steps))
     finally:
-        if ckpt:
-            ckpt.wait()
-            ckpt.close()
+        failing = sys.exc_info()[1] is not None
         if metrics_file:
             metrics_file.close()
+        if ckpt:
+            try:
+                ckpt.wait()
+            except CheckpointError:
+                if not failing:  # else the first error is the one to report
+                    raise
+            finally:
+                ckpt.close()
     result.state, result.model = state, merge_params(model, state.params)
     _summarize(result)
     if out_dir and _is_main():
@@ -406,27 +440,66 @@ def plot_losses(history: list[dict[str, float]], path: str, /) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _say(console: Any, text: str) -> None:
+    if console is not None:
+        console.print(text, markup=False, highlight=False)
+    else:
+        logging.getLogger("jmp").warning(text)
+
+
 def _initial_state(
-    step_fn: Any, ckpt: Checkpointer | None, resume: bool, meta: dict[str, Any], out_dir: str | None
+    step_fn: Any,
+    ckpt: Checkpointer | None,
+    resume: bool,
+    meta: dict[str, Any],
+    out_dir: str | None,
+    console: Any = None,
 ) -> tuple[TrainState, int, list[dict[str, float]]]:
+    """The state to start from: fresh, or the newest checkpoint that restores.
+
+    A checkpoint that does not restore (a truncated or deleted file) is skipped for the one
+    before it, saying so; it is left on disk untouched (the next save past it replaces it).
+    """
     if not resume:
         return step_fn.init_state(), 0, []
     if ckpt is None:
         raise CheckpointError("resume needs an out_dir holding checkpoints.")
-    step = ckpt.latest_step()
-    if step is None:  # killed before its first checkpoint was committed: start over, exactly
+    steps = ckpt.all_steps()
+    if not steps:  # killed before its first checkpoint was committed: start over, exactly
         return step_fn.init_state(), 0, _read_history(out_dir, 0)
-    saved = ckpt.meta(step).get("model")
-    if "model" in meta and saved != meta["model"]:
-        raise CheckpointError(
-            f"Checkpoint step {step} in {out_dir!r} is of another model "
-            f"config ({saved}) than requested ({meta['model']}). Fix: pass "
-            f"the same model settings (--model/--seq), or a new --out."
-        )
     # the restore target is abstract: no second train state is allocated to learn its shapes
     target = step_fn.abstract_state()
-    state = ckpt.restore(step, target=target)
-    return state, step, _read_history(out_dir, step)
+    failed: list[str] = []
+    for step in reversed(steps):
+        if "model" in meta:
+            saved = ckpt.meta(step).get("model")
+            if saved != meta["model"]:
+                raise CheckpointError(
+                    f"Checkpoint step {step} in {out_dir!r} is of another model "
+                    f"config ({saved}) than requested ({meta['model']}). Fix: pass "
+                    f"the same model settings (--model/--seq), or a new --out."
+                )
+        try:
+            state = ckpt.restore(step, target=target)
+        except CheckpointError as err:
+            failed.append(f"step {step}: {str(err)[:240]}...")
+            continue
+        if failed:
+            aside = os.path.join(os.path.dirname(ckpt.directory), "unreadable-checkpoints")
+            bad = [s for s in steps if s > step]
+            for s in bad:
+                ckpt.set_aside(s, aside)
+            _say(
+                console,
+                f"warning: checkpoint step {steps[-1]} in {ckpt.directory} does not restore "
+                f"({failed[0]}); resuming from step {step}, the newest that does. Moved "
+                f"step(s) {', '.join(map(str, bad))} into {aside}.",
+            )
+        return state, step, _read_history(out_dir, step)
+    raise CheckpointError(
+        f"No checkpoint in {ckpt.directory!r} restores ({'; '.join(failed)}). Fix: start the "
+        f"run again with another --out (or --overwrite, which moves this run aside)."
+    )
 
 
 def _summarize(result: FitResult) -> None:
