@@ -2,7 +2,8 @@
 
 `make test` runs the examples in jmp's docstrings (``pytest --doctest-modules jmp``). An
 example starts from this namespace: the usual imports, a ``data=2,model=4`` mesh with
-``dp_tp`` rules, and a tiny GPT sharded on it, so each docstring shows only its own point.
+``dp_tp`` rules, a tiny GPT sharded on it (``model``, ``cfg``) and a token ``batch`` of 8 rows
+(``(inputs, targets)``), so each docstring shows only its own point.
 """
 
 import os
@@ -15,13 +16,14 @@ import jmp  # noqa: E402
 
 jmp.simulate_cpu_devices(8)
 
+import functools  # noqa: E402
+
 import pytest  # noqa: E402
+from _pytest.doctest import DoctestItem  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _doctest_names(doctest_namespace):
-    import functools
-
+@functools.cache
+def _names() -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -33,7 +35,10 @@ def _doctest_names(doctest_namespace):
     mesh = jmp.make_mesh("data=2,model=4")
     rules = jmp.rules.preset("dp_tp", mesh)
     cfg = GPTConfig.named("tiny")
-    doctest_namespace.update(
+    model = jmp.shard_init(lambda r: GPT(cfg, rngs=r), mesh, rules, seed=0)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, cfg.seq_len + 1))
+    batch = (jnp.asarray(tokens[:, :-1], jnp.int32), jnp.asarray(tokens[:, 1:], jnp.int32))
+    return dict(
         functools=functools,
         jax=jax,
         jnp=jnp,
@@ -46,4 +51,13 @@ def _doctest_names(doctest_namespace):
         cfg=cfg,
         GPT=GPT,
         GPTConfig=GPTConfig,
+        model=model,
+        batch=batch,
     )
+
+
+@pytest.fixture(autouse=True)
+def _doctest_names(request, doctest_namespace):
+    # only doctests need the namespace (the model in it costs an init)
+    if isinstance(request.node, DoctestItem):
+        doctest_namespace.update(_names())

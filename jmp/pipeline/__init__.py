@@ -21,12 +21,15 @@ Every public name is re-exported here, so ``from jmp.pipeline import X`` does no
 which module X lives in.
 
 Example (jmp's GPT; tests/test_pipeline_any.py pipelines a plain-NNX model):
-    >>> mesh = jmp.make_mesh("stage=4,data=2")
+    >>> mesh = jmp.make_mesh("stage=2,data=4")
     >>> rules = jmp.rules.preset("pp_dp", mesh)
-    >>> model = jmp.shard_init(lambda r: PipelinedGPT(cfg, num_stages=4, rngs=r), mesh, rules)
+    >>> model = jmp.shard_init(lambda r: PipelinedGPT(cfg, num_stages=2, rngs=r), mesh, rules)
+    >>> tokens = jnp.zeros((8, cfg.seq_len), jnp.int32)
     >>> with jmp.activate(mesh, rules):
     ...     loss, grads = jax.jit(functools.partial(pipeline_loss_and_grads, mesh=mesh,
-    ...                                             num_microbatches=8))(model, batch)
+    ...                                             num_microbatches=2))(model, (tokens, tokens))
+    >>> grads["blocks"]["attn"]["qkv"].shape[:2]      # (stage, layers), like the parameters
+    (2, 1)
 """
 
 from jmp.pipeline.model import PipelinedGPT, stack_params, unstack_params

@@ -35,10 +35,8 @@ What is not supported: ``GPTConfig.mode='manual'`` inside the pipeline (see
 data-parallel batch are all-reduced over ``'data'`` by the compiler once per backward tick, not
 once per step (as in :mod:`jmp.train`'s gradient accumulation).
 
-Example (the whole setup is in the package docstring, :mod:`jmp.pipeline`):
-    >>> with jmp.activate(mesh, rules):
-    ...     loss, grads = jax.jit(functools.partial(pipeline_loss_and_grads, mesh=mesh,
-    ...                                             num_microbatches=8))(model, batch)
+The runnable example (a pipelined GPT, its loss and gradients) is the package docstring's,
+:mod:`jmp.pipeline`; ``tests/test_pipeline_any.py`` pipelines a plain-NNX model.
 """
 
 from __future__ import annotations
@@ -344,10 +342,7 @@ def pipeline_loss_and_grads(
     Returns:
         ``(loss, grads)``, ``grads`` an ``nnx.State`` shaped like ``nnx.state(model)``.
 
-    Example:
-        >>> with jmp.activate(mesh, rules):
-        ...     loss, grads = jax.jit(functools.partial(pipeline_loss_and_grads, mesh=mesh,
-        ...                           num_microbatches=8))(model, batch)
+    Called as in the package docstring's example (:mod:`jmp.pipeline`).
     """
     _check_schedule(schedule)
     if schedule == "gpipe":
@@ -419,8 +414,10 @@ def make_loss_fn(
     """A ``loss_fn(model, batch)`` for :func:`jmp.train.make_step` that runs the pipeline.
 
     Example:
-        >>> step = jmp.train.make_step(model, optimizer, mesh, rules, loss_fn=make_loss_fn(
-        ...     mesh=mesh, num_microbatches=8, schedule="1f1b"))
+        >>> loss_fn = make_loss_fn(mesh=jmp.make_mesh("stage=2,data=4"), num_microbatches=4)
+        >>> make_loss_fn(mesh=mesh, num_microbatches=4, schedule="zb")
+        Traceback (most recent call last):
+        jmp.errors.ConfigError: schedule='zb' must be one of ('gpipe', '1f1b').
     """
     make_schedule(schedule, 1, num_microbatches)  # fail now, not at the first step
 

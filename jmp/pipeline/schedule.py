@@ -13,9 +13,13 @@ neither JAX nor devices, so benchmarks and tests read them directly.
 
 Example:
     >>> plan = make_schedule("1f1b", 4, 8)
-    >>> print(plan.render())        # stage 0:    F0    F1 ... one row per stage
-    >>> plan.idle_fraction()        # the bubble: (S - 1) / (M + S - 1) in theory
-    >>> plan.in_flight()            # array([7, 5, 3, 1]): 2(S - 1 - s) + 1 on stage s
+    >>> print(plan.render())        # one row per stage, one column per tick
+    stage 0:    F0    F1    F2    F3    F4    F5  F6B0  F7B1    B2    B3    B4    B5    B6    B7
+    stage 1:    ..    F0    F1    F2    F3  F4B0  F5B1  F6B2  F7B3    B4    B5    B6    B7    ..
+    stage 2:    ..    ..    F0    F1  F2B0  F3B1  F4B2  F5B3  F6B4  F7B5    B6    B7    ..    ..
+    stage 3:    ..    ..    ..  F0B0  F1B1  F2B2  F3B3  F4B4  F5B5  F6B6  F7B7    ..    ..    ..
+    >>> plan.in_flight()            # 2(S - 1 - s) + 1 stage inputs kept on stage s
+    array([7, 5, 3, 1])
 """
 
 from __future__ import annotations

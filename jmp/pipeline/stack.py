@@ -21,7 +21,11 @@ Example:
     ...         self.up = nnx.Linear(8, 16, kernel_init=init, rngs=rngs)
     ...     def __call__(self, x):
     ...         return x + self.up(x).sum(-1, keepdims=True)
-    >>> blocks = stack_blocks(Block, num_layers=6, num_stages=2, rngs=nnx.Rngs(0))
+    >>> class Stack(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.blocks = stack_blocks(Block, num_layers=6, num_stages=2, rngs=rngs)
+    >>> pp_mesh = jmp.make_mesh("stage=2,data=4")
+    >>> blocks = jmp.shard_init(Stack, pp_mesh, jmp.rules.preset("pp_dp", pp_mesh)).blocks
     >>> blocks.up.kernel.shape, blocks.up.kernel.get_metadata()["out_sharding"]
     ((2, 3, 8, 16), ('stage', 'layers', 'embed', 'mlp'))
     >>> run_stack(blocks, jnp.ones((4, 8))).shape       # all six blocks in order

@@ -5,9 +5,15 @@ device needs), so a model saved on ``data=2,model=4`` loads on ``model=8`` witho
 gathered on one device. Configs are saved beside the arrays as JSON.
 
 Example:
-    >>> ckpt = Checkpointer("/abs/path/runs/x/checkpoints", max_to_keep=3)
-    >>> ckpt.save(step, state, meta={"model": cfg.to_dict()})
-    >>> state = ckpt.restore(ckpt.latest_step(), target=abstract_state)
+    >>> import tempfile
+    >>> step = jmp.train.make_step(model, optax.sgd(0.1), mesh, rules)
+    >>> ckpt = Checkpointer(tempfile.mkdtemp(), max_to_keep=3)
+    >>> ckpt.save(1, step.init_state(), meta={"model": cfg.to_dict()})
+    >>> ckpt.wait()
+    >>> state = ckpt.restore(ckpt.latest_step(), target=step.abstract_state())
+    >>> int(state.step), ckpt.meta(1)["model"]["n_layers"]
+    (0, 2)
+    >>> ckpt.close()
 """
 
 from __future__ import annotations

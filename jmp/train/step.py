@@ -9,6 +9,8 @@ Example:
     >>> step = make_step(model, make_optimizer(TrainConfig()), mesh, rules)
     >>> state = step.init_state()
     >>> state, metrics = step(state, batch)
+    >>> sorted(metrics), int(state.step)
+    (['grad_norm', 'loss'], 1)
 
 ``model`` may also be abstract (``nnx.eval_shape``): ``step.lower(step.abstract_state(),
 step.abstract_batch(b, s))`` then compiles a 7B model's step for inspection without allocating.
@@ -164,8 +166,11 @@ class Step:
         """Shapes and dtypes of ``batch`` (arrays or ``ShapeDtypeStruct``) with the batch sharding.
 
         Example:
-            >>> step.abstract_batch_like({"image": np.zeros((8, 32, 32, 3), np.float32),
-            ...                           "label": np.zeros((8,), np.int32)})
+            >>> step = make_step(model, make_optimizer(TrainConfig()), mesh, rules)
+            >>> b = step.abstract_batch_like({"image": np.zeros((8, 32, 32, 3), np.float32),
+            ...                               "label": np.zeros((8,), np.int32)})
+            >>> b["label"].shape, b["label"].sharding.spec
+            ((8,), P('data',))
         """
         return jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.batch_sharding), batch
