@@ -14,24 +14,59 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
+from jmp.errors import ConfigError, MeshError
 from jmp.rules import MeshAxes, Rules, axes_tuple, raise_problems, resolve
 
 _RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("jmp_rules", default=None)
 
 
-@contextlib.contextmanager
-def activate(mesh: Mesh, rules: Rules, /) -> Iterator[None]:
+def activate(mesh: Mesh, rules: Rules, /) -> contextlib.AbstractContextManager[None]:
     """Make ``mesh`` (via ``jax.set_mesh``) and ``rules`` current for the layers inside.
 
     Jitted functions capture the rules at trace time: trace them inside this context. Inside a
     jitted function (where ``jax.set_mesh`` is not allowed) it only sets the rules, provided the
     same mesh is already current.
+
+    Raises:
+        MeshError: ``mesh`` is not a ``jax.sharding.Mesh`` (e.g. the text ``"data=8"``).
+        ConfigError: ``rules`` is not a :class:`~jmp.rules.Rules` (e.g. a plain dict).
     """
+    _check_activate_args(mesh, rules)
+    return _activate(mesh, rules)
+
+
+def _check_activate_args(mesh: object, rules: object) -> None:
+    if not isinstance(mesh, Mesh | AbstractMesh):
+        hint = f"jmp.make_mesh({mesh!r})" if isinstance(mesh, str) else "jmp.make_mesh(...)"
+        raise MeshError(
+            f"activate() needs a jax.sharding.Mesh first, got {type(mesh).__name__} "
+            f"{_short(mesh)}. Fix: pass {hint}."
+        )
+    if not isinstance(rules, Rules):
+        hint = (
+            f"jmp.Rules({_short(dict(rules))}) (one table for parameters and activations) or "
+            f"jmp.Rules(params=..., activations=...)"
+            if isinstance(rules, Mapping)
+            else "jmp.Rules(params=..., activations=...)"
+        )
+        raise ConfigError(
+            f"activate() needs jmp.Rules, got {type(rules).__name__} {_short(rules)}. Fix: pass "
+            f"{hint}, or a named strategy's jmp.rules.preset('dp_tp', mesh)."
+        )
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
     token = _RULES.set(rules)
     try:
         if jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:

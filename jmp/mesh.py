@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh
@@ -129,13 +129,44 @@ def make_mesh(
             expect) or ``AxisType.Explicit`` for every axis.
 
     Raises:
-        MeshError: malformed text, non-positive sizes, duplicate axes, more than one -1, or a
-            product that differs from the device count (the message lists shapes that fit).
+        MeshError: malformed text, non-positive sizes, duplicate axes, more than one -1, a
+            product that differs from the device count (the message lists shapes that fit),
+            or ``devices`` that is empty or names a device twice.
 
     Example:
         >>> mesh = make_mesh("data=2,model=4")
     """
-    devices = list(jax.devices() if devices is None else devices)
+    devices = list(jax.devices() if devices is None else _check_devices(devices))
     shape = resolve_mesh_shape(spec, len(devices))
     types = (axis_types,) * len(shape)
     return jax.make_mesh(tuple(shape.values()), tuple(shape), types, devices=devices)
+
+
+def _check_devices(devices: Iterable, /) -> list:
+    """``devices`` as a list if they are distinct jax devices, at least one; else a MeshError."""
+    if isinstance(devices, str) or not isinstance(devices, Iterable):
+        raise MeshError(
+            f"devices must be a list of jax devices, got {type(devices).__name__} "
+            f"{devices!r}. Fix: pass e.g. devices=jax.devices()[:4], or leave it out for all."
+        )
+    devices = list(devices)
+    if not devices:
+        raise MeshError(
+            "devices=[] is empty: a mesh needs at least one device. Fix: pass some "
+            "(e.g. devices=jax.devices()[:4]) or leave devices out to use all of jax.devices()."
+        )
+    seen: dict[tuple[str, int], int] = {}
+    for i, d in enumerate(devices):
+        if not hasattr(d, "platform") or not hasattr(d, "id"):
+            raise MeshError(
+                f"devices[{i}] = {d!r} is not a jax device. Fix: take devices from jax.devices()."
+            )
+        key = (d.platform, d.id)  # ids are unique over all processes of a job
+        if key in seen:
+            raise MeshError(
+                f"Device {d!r} appears twice in devices (positions {seen[key]} and {i}): a mesh "
+                f"holds each device once. Fix: pass distinct devices, e.g. "
+                f"jax.devices()[:{len(devices)}]."
+            )
+        seen[key] = i
+    return devices

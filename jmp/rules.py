@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 from jmp import strategies
-from jmp.errors import ConfigError, ShardingError
+from jmp.errors import ConfigError, MeshError, ShardingError
 
 MeshAxes = strategies.MeshAxes
 RuleTable = tuple[tuple[str, MeshAxes], ...]
@@ -34,8 +34,10 @@ RuleTable = tuple[tuple[str, MeshAxes], ...]
 LOGICAL_NAMES = strategies.LOGICAL_NAMES  # the logical names jmp's layers and models use
 
 
-def _freeze(table: Mapping[str, MeshAxes] | Iterable[tuple[str, MeshAxes]]) -> RuleTable:
-    items = table.items() if isinstance(table, Mapping) else table
+def _freeze(
+    table: Mapping[str, MeshAxes] | Iterable[tuple[str, MeshAxes]], what: str = "params"
+) -> RuleTable:
+    items = table.items() if isinstance(table, Mapping) else _pairs(table, what)
     out: dict[str, MeshAxes] = {}
     for name, axes in items:
         if isinstance(axes, list):
@@ -51,6 +53,31 @@ def _freeze(table: Mapping[str, MeshAxes] | Iterable[tuple[str, MeshAxes]]) -> R
             )
         out[str(name)] = axes
     return tuple(out.items())
+
+
+def _pairs(table: object, what: str) -> list[tuple[str, MeshAxes]]:
+    """A table given as (logical name, mesh axes) pairs, or a ShardingError naming the value."""
+    fix = (
+        "Fix: pass a dict such as Rules({'embed': None, 'mlp': 'model'}), or take a named "
+        "strategy's rules with jmp.rules.preset('dp_tp', mesh)."
+    )
+    if isinstance(table, str | bytes) or not isinstance(table, Iterable):
+        raise ShardingError(
+            f"Rules {what} must be a dict from logical name to mesh axes (or None), got "
+            f"{type(table).__name__} {_short(table)}. {fix}"
+        )
+    pairs = list(table)
+    for item in pairs:
+        if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str)):
+            raise ShardingError(
+                f"Rules {what}: {_short(item)} is not a (logical name, mesh axes) pair. {fix}"
+            )
+    return [(name, axes) for name, axes in pairs]
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True, init=False)
@@ -78,7 +105,9 @@ class Rules:
     ) -> None:
         object.__setattr__(self, "params", _freeze(params))
         object.__setattr__(
-            self, "activations", self.params if activations is None else _freeze(activations)
+            self,
+            "activations",
+            self.params if activations is None else _freeze(activations, "activations"),
         )
 
     @property
@@ -142,8 +171,21 @@ def check_batch(
     """The mesh axes that split the batch and the rows of one microbatch on each device.
 
     Raises:
-        ConfigError: the (micro)batch does not split evenly over those axes.
+        ConfigError: a batch or microbatch count that is not a positive int, microbatches that
+            do not divide the batch, or a (micro)batch that does not split evenly over those axes.
     """
+    bad = [
+        f"{n}={v!r} must be a positive int"
+        for n, v in (("batch_size", batch_size), ("microbatches", microbatches))
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1
+    ]
+    if bad:
+        raise ConfigError("Invalid batch: " + "; ".join(bad) + ".")
+    if batch_size % microbatches:
+        raise ConfigError(
+            f"microbatches={microbatches} does not divide the batch of {batch_size} rows. Fix: "
+            f"a batch size that is a multiple of {microbatches}, or other microbatches."
+        )
     spec = rules.activation_spec(("batch",), mesh=mesh)
     axes = axes_tuple(spec[0] if len(spec) else None)
     ways = math.prod(mesh.shape[a] for a in axes)
@@ -254,6 +296,7 @@ def preset(strategy: str, mesh: Mesh | AbstractMesh, /) -> Rules:
         >>> preset("fsdp", jmp.make_mesh("data=8")).params_dict["embed"]
         'data'
     """
+    _check_preset_args(strategy, mesh)
     chosen = strategies.parse(strategy)
     params, activations = chosen.tables()
     needs = set(chosen.axes)
@@ -273,6 +316,29 @@ def preset(strategy: str, mesh: Mesh | AbstractMesh, /) -> Rules:
         )
         raise ShardingError(" ".join(msg))
     return Rules(params, activations)
+
+
+def _check_preset_args(strategy: object, mesh: object) -> None:
+    if isinstance(strategy, Mesh | AbstractMesh) and isinstance(mesh, str):
+        raise ConfigError(
+            f"preset() takes the strategy first, then the mesh: got preset(<mesh>, {mesh!r}). "
+            f"Fix: jmp.rules.preset({mesh!r}, mesh)."
+        )
+    if not isinstance(strategy, str):
+        raise ConfigError(
+            f"preset() needs a strategy name such as 'dp_tp', got {type(strategy).__name__} "
+            f"{_short(strategy)}."
+        )
+    if isinstance(mesh, str):
+        raise MeshError(
+            f"preset({strategy!r}, {mesh!r}) needs a Mesh, got the string {mesh!r}. Fix: pass "
+            f"jmp.make_mesh({mesh!r})."
+        )
+    if not isinstance(mesh, Mesh | AbstractMesh):
+        raise MeshError(
+            f"preset({strategy!r}, ...) needs a Mesh, got {type(mesh).__name__} {_short(mesh)}. "
+            f"Fix: pass jmp.make_mesh('data=2,model=4') (or your mesh spec)."
+        )
 
 
 #: Every strategy name :func:`preset` accepts (from the registry, :mod:`jmp.strategies`).

@@ -1,46 +1,186 @@
-"""What the commands share: model and mesh arguments, device start-up, mesh and rules.
+"""What the commands share: the parser, argument types, model and mesh arguments, devices.
+
+The argument types (:func:`positive_int`, :func:`nonnegative_int`, :func:`finite_float`,
+:func:`positive_float`, :func:`nonnegative_float`, :func:`fraction`, :func:`mesh_text`) check a
+value while the command line is parsed: a bad one is refused in one line that names it, before
+JAX starts, and ``--help`` still works.
 
 Example:
-    >>> import argparse
-    >>> p = argparse.ArgumentParser()
+    >>> p = CommandParser(prog="jmp demo")
     >>> add_model_args(p)
-    >>> p.parse_args(["--strategy", "tp"]).strategy
-    'tp'
+    >>> p.parse_args(["--strategy", "tp", "--seq", "64"]).seq
+    64
+    >>> positive_int("0")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: 0 is not a positive integer (use a whole number >= 1)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 from jmp import strategies
+
+# --- the parser ------------------------------------------------------------------------------
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default: ``(default: X)``, or ``(required)``; also for an
+    option without help text.
+
+    An option whose default is None and whose help already says what the default means
+    (``sequence length (default per model)``) is not given a bare ``(default: None)`` too.
+    """
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.option_strings and action.help is None:  # no help text: still the default
+            action = copy.copy(action)
+            action.help = "(required)" if action.required else "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.required and action.option_strings:
+            return f"{text} (required)"
+        if action.default is None and "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of ``jmp`` and of each command: ``--help`` shows every option's default, and a
+    bad argument ends with one line on stderr (no usage block) and exit code 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.splitlines()).rstrip(".")
+        self.exit(2, f"{self.prog}: error: {message}. See: {self.prog} --help\n")
+
+
+# --- argument types (argparse ``type=``): each names the refused value ----------------------
+
+
+def _number(text: str, kind: type[int] | type[float], what: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def positive_int(text: str) -> int:
+    """An ``int`` >= 1 (a count of steps, rows, devices...)."""
+    value = _number(text, int, "an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{value} is not a positive integer (use a whole number >= 1)"
+        )
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An ``int`` >= 0 (0 meaning none, e.g. ``--sample 0``)."""
+    value = _number(text, int, "an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative (use a whole number >= 0)")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A ``float`` that is not nan or inf."""
+    value = _number(text, float, "a number")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite ``float`` > 0 (a learning rate, a timeout)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not > 0 (use a positive number)")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite ``float`` >= 0 (a temperature, a weight decay)."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is negative (use a number >= 0)")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A ``float`` in (0, 1] (a share of device memory)."""
+    value = finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not in (0, 1] (use a share such as 0.9)")
+    return value
+
+
+def mesh_text(text: str) -> str:
+    """A mesh like ``data=2,model=4``: not empty, well formed (its fit is checked later)."""
+    from jmp.errors import MeshError
+    from jmp.mesh import parse_mesh_spec
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is an empty mesh (give axis=size pairs, e.g. data=2,model=4, or leave "
+            "--mesh out for the strategy's default)"
+        )
+    try:
+        parse_mesh_spec(text)
+    except MeshError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+# --- what train and inspect share ------------------------------------------------------------
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="dp_tp", help=strategies.help_text())
     p.add_argument(
         "--mesh",
+        type=mesh_text,
         default=None,
         help="e.g. data=2,model=4 (default per strategy: each kind's share, the last "
         "kind takes the rest of the devices)",
     )
     p.add_argument(
         "--devices",
-        type=int,
+        type=positive_int,
         default=8,
         help="CPU devices to simulate when no accelerator is present",
     )
     p.add_argument("--model", default="small", help="tiny | small | medium | ...")
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default per model)")
-    p.add_argument("--mode", default="auto", choices=("auto", "manual"))
+    p.add_argument(
+        "--seq", type=positive_int, default=None, help="sequence length (default per model)"
+    )
+    p.add_argument(
+        "--mode",
+        default="auto",
+        choices=("auto", "manual"),
+        help="auto: XLA inserts the collectives from sharding annotations; manual: "
+        "shard_map with explicit psums",
+    )
     p.add_argument("--dtype", default="float32", help="compute dtype, e.g. bfloat16")
     p.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
 
 
 def start_devices(n: int) -> None:
-    """Simulate ``n`` CPU devices unless an accelerator is present (set before JAX starts)."""
+    """Simulate ``n`` CPU devices unless an accelerator is present (set before JAX starts).
+
+    Raises:
+        DeviceError: JAX cannot start the backend ``JAX_PLATFORMS`` asks for (say ``cuda`` on a
+            machine without an NVIDIA GPU or without jaxlib's CUDA plugin).
+    """
     import jax
 
     import jmp.runtime.distributed
@@ -48,9 +188,34 @@ def start_devices(n: int) -> None:
 
     if jmp.runtime.distributed.is_initialized():
         return  # every process's devices are started, and checked against the mesh
-    if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu"):
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms in ("", "cpu"):
         simulate_cpu_devices(n)
-    jax.devices()
+    try:
+        jax.devices()
+    # jax 0.10 raises RuntimeError when a backend fails to start, and a bare AssertionError
+    # when JAX_PLATFORMS=cuda finds no NVIDIA GPU at all (it skips cuda, then has no backend)
+    except (RuntimeError, AssertionError) as err:
+        raise backend_error(platforms, err) from None
+
+
+def backend_error(platforms: str, err: BaseException) -> Exception:
+    """The :class:`~jmp.errors.DeviceError` for a backend JAX could not start, in one line."""
+    from jmp.errors import DeviceError
+
+    detail = " ".join(str(err).split())
+    detail = f" (JAX: {detail})" if detail else ""
+    if any(p.strip() in ("cuda", "gpu") for p in platforms.split(",")):
+        return DeviceError(
+            f"JAX_PLATFORMS={platforms!r}: no CUDA device or jaxlib CUDA plugin found{detail}. "
+            "Fix: unset JAX_PLATFORMS (or set JAX_PLATFORMS=cpu) to run on the CPU, or install "
+            "jax[cuda12] on a machine with an NVIDIA GPU."
+        )
+    where = f"JAX_PLATFORMS={platforms!r}" if platforms else "the default platform"
+    return DeviceError(
+        f"JAX could not start a backend for {where}{detail}. Fix: unset JAX_PLATFORMS (or set "
+        "JAX_PLATFORMS=cpu), or install the jaxlib plugin for that platform."
+    )
 
 
 def setup(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
@@ -62,7 +227,7 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     mesh = jmp.make_mesh(mesh_text)
     rules = jmp.rules.preset(args.strategy, mesh)
     overrides = {"mode": args.mode, "dtype": args.dtype, "remat": args.remat}
-    if args.seq:
+    if args.seq is not None:  # 0 is refused (GPTConfig), never read as "the default"
         overrides["seq_len"] = args.seq
     cfg = GPTConfig.named(args.model, **overrides)
     return mesh, rules, cfg, mesh_text
@@ -76,5 +241,14 @@ def fits(mesh_text: str, n: int) -> bool:
 
 def mesh_spec(args: argparse.Namespace) -> str:
     """``--mesh``, or the strategy's default mesh (checks the strategy name first)."""
+    from jmp.errors import MeshError
+
     default = strategies.default_mesh(args.strategy)  # raises ConfigError for a bad name
-    return args.mesh or default
+    if args.mesh is None:
+        return default
+    if not str(args.mesh).strip():
+        raise MeshError(
+            f"--mesh {args.mesh!r} is empty. Fix: give axis=size pairs (e.g. {default!r}) or "
+            "leave --mesh out for the strategy's default."
+        )
+    return args.mesh

@@ -11,18 +11,33 @@ import json
 import os
 from typing import Any
 
-from jmp.cli.common import fits, start_devices
+from jmp.cli.common import fits, nonnegative_float, nonnegative_int, positive_int, start_devices
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add this command to the ``jmp`` command's subparsers."""
     gen = sub.add_parser("generate", help="sample text from a trained run")
     gen.add_argument("--run", required=True, help="run folder written by jmp train")
-    gen.add_argument("--prompt", default="def ")
-    gen.add_argument("--tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--devices", type=int, default=8)
+    gen.add_argument(
+        "--prompt",
+        default="def ",
+        help="text to continue; the model reads bytes, so bytes that are not UTF-8 are "
+        "passed through as they are",
+    )
+    gen.add_argument("--tokens", type=nonnegative_int, default=200, help="bytes to generate")
+    gen.add_argument(
+        "--temperature",
+        type=nonnegative_float,
+        default=0.0,
+        help="sampling temperature, a finite number >= 0 (0 = greedy)",
+    )
+    gen.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    gen.add_argument(
+        "--devices",
+        type=positive_int,
+        default=8,
+        help="CPU devices to simulate when no accelerator is present",
+    )
     return gen
 
 
@@ -32,9 +47,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import jmp
     from jmp.models import GPTConfig
     from jmp.models.generate import generate
-    from jmp.train import TrainConfig, make_optimizer, make_step, merge_params
     from jmp.train.checkpoint import Checkpointer
-    from jmp.train.loop import build_model
 
     run = os.path.abspath(args.run)
     config_path = os.path.join(run, "config.json")
@@ -45,7 +58,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with open(config_path) as f:
         saved = json.load(f)
     start_devices(args.devices)
-    cfg, train_cfg = GPTConfig(**saved["model"]), TrainConfig(**saved["train"])
+    cfg = GPTConfig(**saved["model"])
     if fits(saved["mesh"], jax.device_count()):
         mesh = jmp.make_mesh(saved["mesh"])
         rules = jmp.rules.preset(saved["strategy"], mesh)
@@ -57,16 +70,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:  # the checkpoint restores onto any mesh: use tensor parallelism over what is here
         mesh = jmp.make_mesh("model=-1")
         rules = jmp.rules.preset("tp", mesh)
-    model = build_model(cfg, mesh, rules, seed=0)
-    step = make_step(model, make_optimizer(train_cfg), mesh, rules)
     ckpt = Checkpointer(os.path.join(run, "checkpoints"), create=False)
     latest = ckpt.latest_step()
     if latest is None:
         raise jmp.JmpError(f"No checkpoint in {run!r}. Fix: train it first.")
-    target = step.abstract_state()
-    state = ckpt.restore(latest, target=target)
     text = generate(
-        merge_params(model, state.params),
+        restore_model(cfg, mesh, rules, ckpt, latest),
         args.prompt,
         mesh=mesh,
         rules=rules,
@@ -76,3 +85,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     print(text)
     return 0
+
+
+def restore_model(cfg: Any, mesh: Any, rules: Any, ckpt: Any, step: int) -> Any:
+    """The trained model of checkpoint ``step``, its parameters read straight into their
+    shardings on ``mesh``: no optimizer state is read or built, no initial values computed."""
+    import jax
+    from flax import nnx
+
+    from jmp.sharding import named_shardings
+    from jmp.train.checkpoint import abstract_like
+    from jmp.train.loop import build_model
+
+    # shapes only: build_model (GPT, or PipelinedGPT on a 'stage' axis) under eval_shape
+    abstract = nnx.eval_shape(lambda: build_model(cfg, mesh, rules, seed=0))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    target = abstract_like(params, named_shardings(params, rules, mesh))
+    restored = ckpt.restore_params(step, target=target)
+    if jax.tree.leaves(rest):  # state besides parameters (none in jmp's GPTs): make it real
+        rest = nnx.split(build_model(cfg, mesh, rules, seed=0), nnx.Param, ...)[2]
+    return nnx.merge(graphdef, restored, rest)

@@ -11,15 +11,20 @@ import sys
 import time
 from typing import Any
 
-from jmp.cli.common import add_model_args, setup
+from jmp.cli.common import add_model_args, positive_int, setup
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add this command to the ``jmp`` command's subparsers."""
     ins = sub.add_parser("inspect", help="compile a train step and show what XLA did")
     add_model_args(ins)
-    ins.add_argument("--batch", type=int, default=16)
-    ins.add_argument("--microbatches", type=int, default=1)
+    ins.add_argument("--batch", type=positive_int, default=16, help="global batch (sequences)")
+    ins.add_argument(
+        "--microbatches",
+        type=positive_int,
+        default=1,
+        help="gradient accumulation steps inside the step (must divide --batch)",
+    )
 
     return ins
 

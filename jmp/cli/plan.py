@@ -12,21 +12,28 @@ import sys
 from typing import Any
 
 from jmp import strategies
+from jmp.cli.common import fraction, positive_int
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add this command to the ``jmp`` command's subparsers."""
     plan = sub.add_parser("plan", help="rank strategies and mesh shapes for a model")
     plan.add_argument("--model", default="7b", help="tiny | small | medium | 1b | 7b | 13b | 70b")
-    plan.add_argument("--devices", type=int, default=8, help="number of devices to plan for")
+    plan.add_argument(
+        "--devices", type=positive_int, default=8, help="number of devices to plan for"
+    )
     plan.add_argument("--device", default="h100", help="h100 | h200 | a100 | cpu")
-    plan.add_argument("--batch", type=int, default=None, help="global batch (default 8/device)")
-    plan.add_argument("--seq", type=int, default=None)
+    plan.add_argument(
+        "--batch", type=positive_int, default=None, help="global batch (default 8/device)"
+    )
+    plan.add_argument(
+        "--seq", type=positive_int, default=None, help="sequence length (default per model)"
+    )
     plan.add_argument("--dtype", default=None, help="compute dtype (default bf16 on GPUs)")
-    plan.add_argument("--remat", action="store_true")
+    plan.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
     plan.add_argument(
         "--microbatches",
-        type=int,
+        type=positive_int,
         default=1,
         help="gradient accumulation; for pp_* strategies the pipeline's M (the "
         "bubble is (S-1)/(M+S-1))",
@@ -39,11 +46,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--mem-fraction",
-        type=float,
+        type=fraction,
         default=None,
-        help="usable share of device memory (JAX's default on GPUs: 0.75)",
+        help="usable share of device memory, in (0, 1] (default: the --device preset's; "
+        "JAX's default on GPUs is 0.75)",
     )
-    plan.add_argument("--top", type=int, default=10)
+    plan.add_argument("--top", type=positive_int, default=10, help="candidates to list")
     plan.add_argument("--all", action="store_true", help="also list what does not fit")
 
     return plan
@@ -54,6 +62,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from jmp import plan
+    from jmp.errors import ConfigError
     from jmp.models import GPTConfig
 
     device = plan.get_device(args.device)
@@ -61,10 +70,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         device = dataclasses.replace(device, memory_fraction=args.mem_fraction)
     dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
     overrides = {"dtype": dtype, "remat": args.remat}
-    if args.seq:
+    if args.seq is not None:  # 0 is refused, never read as "the default"
         overrides["seq_len"] = args.seq
     cfg = GPTConfig.named(args.model, **overrides)
-    batch = args.batch or 8 * args.devices
+    batch = 8 * args.devices if args.batch is None else args.batch
+    if batch % args.microbatches:  # else every candidate is dropped: "nothing fits", wrongly
+        raise ConfigError(
+            f"--microbatches {args.microbatches} does not divide the batch of {batch}. Fix: a "
+            f"--batch that is a multiple of {args.microbatches}, or other --microbatches."
+        )
     ranked = plan.search(
         cfg,
         args.devices,

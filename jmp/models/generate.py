@@ -1,13 +1,17 @@
 """Sampling bytes from a trained GPT: greedy or with temperature.
 
 The model runs on a fixed window of ``seq_len`` tokens (one compilation); each new byte is read
-from the logits at the last filled position.
+from the logits at the last filled position. The prompt is bytes: a ``str`` is encoded as UTF-8,
+and bytes that were not UTF-8 on the command line (which Python hands over as lone surrogates,
+``'\\udcff'`` for the byte 0xff) become those bytes again.
 
 Example:
     >>> text = generate(model, "def ", mesh=mesh, rules=rules, max_new_tokens=100)
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +27,7 @@ from jmp.rules import Rules
 
 def generate(
     model: GPT,
-    prompt: str,
+    prompt: str | bytes,
     /,
     *,
     mesh: Mesh,
@@ -32,10 +36,21 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
 ) -> str:
-    """Continue ``prompt`` by ``max_new_tokens`` bytes; ``temperature=0`` is greedy."""
-    if temperature < 0:
-        raise ConfigError(f"temperature={temperature} must be >= 0 (0 means greedy).")
-    seq_len = model.cfg.seq_len
+    """Continue ``prompt`` by ``max_new_tokens`` bytes; ``temperature=0`` is greedy.
+
+    Raises:
+        ConfigError: a temperature that is negative or not finite, a negative or non-integer
+            ``max_new_tokens``, or a prompt byte the model's vocabulary does not hold.
+    """
+    _check_options(max_new_tokens, temperature)
+    tokens = list(prompt_bytes(prompt)) or [ord("\n")]
+    seq_len, vocab = model.cfg.seq_len, model.cfg.vocab_size
+    if max(tokens) >= vocab:
+        raise ConfigError(
+            f"The prompt holds the byte {max(tokens)}, outside the model's vocabulary of "
+            f"{vocab} tokens (it would be read as another token). Fix: a prompt of bytes "
+            f"below {vocab}."
+        )
     # one sequence: the batch is not split (it could not be divided over the data axes)
     rules = rules.replace(activations={"batch": None})
     graphdef, state = nnx.split(model)
@@ -43,10 +58,10 @@ def generate(
     def next_logits(state: nnx.State, window: jax.Array, pos: jax.Array) -> jax.Array:
         with activate(mesh, rules):
             logits = nnx.merge(graphdef, state)(window[None])[0]
-        return jax.lax.dynamic_index_in_dim(logits, pos, keepdims=False).astype(jnp.float32)
+        last = jax.lax.dynamic_index_in_dim(logits, pos, keepdims=False).astype(jnp.float32)
+        return last[:256]  # a vocabulary padded past 256 (medium: 1024) must not yield a non-byte
 
     step = jax.jit(next_logits)
-    tokens = list(prompt.encode("utf-8")) or [ord("\n")]
     key = jax.random.key(seed)
     with jax.set_mesh(mesh):
         for _ in range(max_new_tokens):
@@ -61,3 +76,42 @@ def generate(
                 nxt = int(jax.random.categorical(sub, logits / temperature))
             tokens.append(nxt)
     return bytes(tokens).decode("utf-8", errors="replace")
+
+
+def prompt_bytes(prompt: str | bytes, /) -> bytes:
+    """The bytes of ``prompt``: UTF-8, with lone surrogates (undecodable command-line bytes, as
+    Python's ``surrogateescape`` handler gives them) turned back into the bytes they stand for.
+
+    Example:
+        >>> prompt_bytes("def ") + prompt_bytes("\\udcff") + prompt_bytes(b"\\x00")
+        b'def \\xff\\x00'
+    """
+    if isinstance(prompt, bytes | bytearray):
+        return bytes(prompt)
+    if not isinstance(prompt, str):
+        raise ConfigError(f"prompt must be a str or bytes, got {type(prompt).__name__}.")
+    try:
+        return prompt.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError as err:  # a surrogate that stands for no byte, e.g. '\\ud800'
+        raise ConfigError(
+            f"The prompt holds {prompt[err.start : err.end]!r} at position {err.start}, which "
+            f"is neither text nor an escaped byte. Fix: pass text or bytes."
+        ) from None
+
+
+def _check_options(max_new_tokens: int, temperature: float) -> None:
+    problems = []
+    if (
+        not isinstance(max_new_tokens, int)
+        or isinstance(max_new_tokens, bool)
+        or max_new_tokens < 0
+    ):
+        problems.append(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
+    if (
+        not isinstance(temperature, int | float)
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
+        problems.append(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    if problems:
+        raise ConfigError("Invalid sampling options: " + "; ".join(problems) + ".")
