@@ -45,11 +45,18 @@ class _OrbaxErrorFilter(logging.Filter):
 def _quiet_closed_loop(previous: Callable[[Any], Any]) -> Callable[[Any], Any]:
     # When a restore fails (a truncated file), tensorstore's reads still in flight finish later
     # and call back into orbax's closed asyncio loop: "RuntimeError: Event loop is closed",
-    # printed as unraisable exceptions, several tracebacks after our one-line error. Only those
-    # are dropped; every other unraisable exception goes to the previous hook.
+    # printed as unraisable exceptions, several tracebacks after our one-line error; so do
+    # orbax's read coroutines dropped with their error. Only those are dropped; every other
+    # unraisable exception goes to the previous hook.
     def hook(unraisable: Any) -> None:
         exc = unraisable.exc_value
         if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+            return
+        # the same failed restore's other reads: orbax coroutines dropped with their error
+        tb = unraisable.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None and "/orbax/" in tb.tb_frame.f_code.co_filename:
             return
         previous(unraisable)
 
