@@ -9,7 +9,6 @@ the fix, no traceback, no C++ frames, and the last good checkpoint kept.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import shutil
@@ -21,6 +20,7 @@ import time
 import pytest
 
 from tests.cli_util import run_jmp, set_unwritable
+from tests.test_checkpoint import _losses
 from tests.test_distributed import ROOT, _env, _launch_cmd
 
 NO_TRACE = ("Traceback", "*** Check failure", "@     0x", "Fatal Python error")
@@ -74,11 +74,6 @@ def test_a_stopped_peer_is_named_within_the_timeout(victim):
 # --- checkpoints ----------------------------------------------------------------------------
 
 TINY = ["--model", "tiny", "--batch", "8", "--eval-every", "100", "--sample", "0"]
-
-
-def _losses(out: str) -> list[float]:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):

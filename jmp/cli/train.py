@@ -217,7 +217,7 @@ def _check_resume(folder: Any, config: dict[str, Any], args: argparse.Namespace)
             f"resharding the run from {saved['strategy']} on {saved['mesh']} onto "
             f"{config['strategy']} on {config['mesh']}"
         )
-    done = _latest_checkpoint(folder.path)
+    done = max(folder.checkpoint_steps(), default=None)
     old_steps, new_steps = saved["train"]["steps"], config["train"]["steps"]
     if done is not None and new_steps < done:
         raise RunFolderError(
@@ -239,12 +239,6 @@ def _check_resume(folder: Any, config: dict[str, Any], args: argparse.Namespace)
             f"one planned for {new_steps} from the start)"
         )
     return notes
-
-
-def _latest_checkpoint(out: str) -> int | None:
-    ckpt = os.path.join(out, "checkpoints")
-    steps = [int(n) for n in os.listdir(ckpt) if n.isdigit()] if os.path.isdir(ckpt) else []
-    return max(steps) if steps else None
 
 
 def _start_distributed(args: argparse.Namespace) -> Any:

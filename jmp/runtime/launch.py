@@ -218,25 +218,19 @@ def _report(
     if first is None:
         return 0
     code = procs[first].returncode
-    if hung:
-        others = ", ".join(
-            f"p{i} {_describe(p.returncode)}" for i, p in enumerate(procs) if i != first
-        )
-        _say(
-            out,
-            lock,
-            f"jmp launch: process {first} (p{first}) failed: it stopped answering (hung, or "
-            f"stopped with SIGSTOP) and was killed; the others stopped because of it "
-            f"({others}).",
-        )
-        return EXIT_PEER_LOST
-    others = [
+    others = ", ".join(
         f"p{i} {_describe(p.returncode)}"
         for i, p in enumerate(procs)
         if i != first and p.returncode != 0
-    ]
-    tail = f"; the others were stopped ({', '.join(others)})" if others else ""
-    _say(out, lock, f"jmp launch: process {first} (p{first}) failed: it {_describe(code)}{tail}.")
+    )
+    if hung:
+        what = "stopped answering (hung, or stopped with SIGSTOP) and was killed"
+        tail = f"; the others stopped because of it ({others})"
+    else:
+        what, tail = _describe(code), f"; the others were stopped ({others})" if others else ""
+    _say(out, lock, f"jmp launch: process {first} (p{first}) failed: it {what}{tail}.")
+    if hung:
+        return EXIT_PEER_LOST
     return code if code > 0 else 128 - code
 
 

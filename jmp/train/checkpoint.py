@@ -132,16 +132,17 @@ class Checkpointer:
         except Exception as err:
             raise self._save_failed(err) from None
 
-    def _save_failed(self, err: Exception) -> CheckpointError:
+    def kept(self) -> str:
+        """What is left on disk after a stop, in words (for the messages that stop a run)."""
         last = self.latest_step()
-        kept = (
-            f"the last good checkpoint (step {last}) is kept"
-            if last is not None
-            else "no checkpoint was written"
-        )
+        if last is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint (step {last}) is kept"
+
+    def _save_failed(self, err: Exception) -> CheckpointError:
         return CheckpointError(
             f"Saving a checkpoint into {self.directory!r} failed ({type(err).__name__}: "
-            f"{err}); stopped, {kept}. Fix: make that folder writable (permissions, free "
+            f"{err}); stopped, {self.kept()}. Fix: make that folder writable (permissions, free "
             f"space), then continue with --resume (resume=True)."
         )
 

@@ -17,6 +17,7 @@ from jmp.models.gpt import GPT, GPTConfig
 from jmp.rules import Rules
 from jmp.sharding import shard_init
 from jmp.train.data import TextData
+from jmp.train.progress import plot_losses
 from jmp.train.step import (
     TrainConfig,
     check_batch,
@@ -24,7 +25,7 @@ from jmp.train.step import (
     make_optimizer,
     next_token_loss,
 )
-from jmp.train.trainer import FitResult, NonFiniteError, fit, plot_losses
+from jmp.train.trainer import FitResult, NonFiniteError, fit
 
 if TYPE_CHECKING:  # jmp.pipeline is imported only when a mesh has a 'stage' axis
     from jmp.pipeline import ScheduleName

@@ -60,13 +60,18 @@ class RunFolder:
     def holds_run(self, files: tuple[str, ...] = RUN_FILES) -> bool:
         return any(os.path.exists(os.path.join(self.path, f)) for f in files)
 
+    def checkpoint_steps(self) -> list[int]:
+        """The steps of the committed checkpoints on disk, oldest first (read, not restored:
+        orbax's own temporary folders have no plain number as their name)."""
+        ckpt = os.path.join(self.path, "checkpoints")
+        if not os.path.isdir(ckpt):
+            return []
+        return sorted(int(n) for n in os.listdir(ckpt) if n.isdigit())
+
     def describe(self) -> str:
         """What the folder holds, in a few words (for error messages)."""
         found = [f for f in RUN_FILES if os.path.exists(os.path.join(self.path, f))]
-        ckpt = os.path.join(self.path, "checkpoints")
-        steps = (
-            sorted(int(n) for n in os.listdir(ckpt) if n.isdigit()) if os.path.isdir(ckpt) else []
-        )
+        steps = self.checkpoint_steps()
         if steps:
             found[found.index("checkpoints")] = f"checkpoints up to step {steps[-1]}"
         return ", ".join(found)

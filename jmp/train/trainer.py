@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import math
 import os
 import sys
@@ -50,6 +49,7 @@ from jmp.rules import Rules, check_batch, preset
 from jmp.sharding import param_table, shard_init
 from jmp.train.checkpoint import Checkpointer, CheckpointError
 from jmp.train.data import local_rows
+from jmp.train.progress import ProgressBar, make_console, plot_losses, say
 from jmp.train.run_folder import RunFolder, check_new_run, move_aside
 from jmp.train.step import Batch, LossFn, TrainState, make_eval_step, make_step, merge_params
 
@@ -207,12 +207,13 @@ def fit(
     ):
         raise ConfigError(f"checkpoint_every={checkpoint_every!r} must be an int >= 0.")
     rules = _resolve_rules(mesh, strategy, rules)
+    console = make_console(progress)
     if out_dir and not resume:  # before anything is built: a refusal costs nothing
         folder = RunFolder(out_dir)
         check_new_run(folder, overwrite=overwrite, files=FIT_FILES)
         if overwrite and _is_main() and folder.holds_run(FIT_FILES):
             moved = move_aside(folder)
-            _say(_console(progress), f"moved the run in {folder.path} aside to {moved}")
+            say(console, f"moved the run in {folder.path} aside to {moved}")
     model = shard_init(make_model, mesh, rules, seed=seed)
     step_fn = make_step(
         model, optimizer, mesh, rules, microbatches=microbatches, loss_fn=loss_fn, schedule=schedule
@@ -220,7 +221,6 @@ def fit(
     eval_step = make_eval_step(model, mesh, rules, loss_fn=eval_loss_fn or loss_fn)
     meta = {**(meta or {})}
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints")) if out_dir else None
-    console = _console(progress)
     if show_params and console is not None and _is_main():
         param_table(model).print(console)
     state, start, history = _initial_state(step_fn, ckpt, resume, meta, out_dir, console)
@@ -234,7 +234,7 @@ def fit(
     )
     t_start, timed_steps, eval_seconds, in_a_row = None, 0, 0.0, 0
     try:
-        with _progress(console, steps, start) as advance:
+        with ProgressBar(console, steps, start, enabled=_is_main()) as advance:
             for k in range(start, steps):
                 if ckpt:  # a save that failed in the background stops the run now
                     ckpt.check()
@@ -293,20 +293,9 @@ def fit(
     return result
 
 
-def _console(progress: Any) -> Any:
-    if progress is True:
-        from rich.console import Console
-
-        return Console()
-    return progress or None
-
-
 def _kept(ckpt: Checkpointer | None) -> str:
     """What is left on disk after a stop, stated only when true."""
-    last = ckpt.latest_step() if ckpt else None
-    if last is None:
-        return "no checkpoint was written"
-    return f"the last good checkpoint (step {last}) is kept"
+    return ckpt.kept() if ckpt else "no checkpoint was written"
 
 
 def _nonfinite_message(
@@ -385,68 +374,6 @@ def _read_history(out_dir: str | None, upto: int) -> list[dict[str, float]]:
     return rows
 
 
-class _progress:
-    """A rich progress bar showing loss and throughput (silent without a console)."""
-
-    def __init__(self, console: Any, total: int, start: int) -> None:
-        self.console, self.total, self.start = console, total, start
-        self.bar: Any = None
-
-    def __enter__(self) -> Any:
-        if self.console is None or not _is_main():
-            return lambda row: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        self.bar = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=self.console,
-            transient=False,
-        )
-        task = self.bar.add_task("train", total=self.total, completed=self.start, info="")
-        self.bar.start()
-
-        def advance(row: dict[str, float]) -> None:
-            info = f"loss {row['loss']:.3f}"
-            if "val_loss" in row:
-                info += f" | val {row['val_loss']:.3f}"
-            if "tokens_per_s" in row:
-                info += f" | {row['tokens_per_s']:,.0f} tok/s"
-            self.bar.update(task, advance=1, info=info)
-
-        return advance
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def plot_losses(history: list[dict[str, float]], path: str, /) -> None:
-    """Train and validation loss against step, as a PNG."""
-    from matplotlib.figure import Figure  # not pyplot: leaves a notebook's backend alone
-
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train")
-    val = [r for r in history if "val_loss" in r]
-    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def _say(console: Any, text: str) -> None:
-    if console is not None:
-        console.print(text, markup=False, highlight=False)
-    else:
-        logging.getLogger("jmp").warning(text)
-
-
 def _initial_state(
     step_fn: Any,
     ckpt: Checkpointer | None,
@@ -489,7 +416,7 @@ def _initial_state(
             bad = [s for s in steps if s > step]
             for s in bad:
                 ckpt.set_aside(s, aside)
-            _say(
+            say(
                 console,
                 f"warning: checkpoint step {steps[-1]} in {ckpt.directory} does not restore "
                 f"({failed[0]}); resuming from step {step}, the newest that does. Moved "
