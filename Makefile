@@ -21,7 +21,7 @@ train: $(BIN)/.installed
 	$(BIN)/jmp train
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --doctest-modules tests jmp
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/comm.py

@@ -5,9 +5,17 @@ the mesh that ``jax.set_mesh`` made current and the :class:`~jmp.rules.Rules` ma
 :func:`activate`. With nothing active, a layer computes the plain dense product, which is also the
 single-device reference the tests compare against.
 
-Example:
+Example (a row-parallel layer: under ``dp_tp`` its input features are split over 'model'):
+    >>> layer = jmp.layers.RowParallelLinear(8, 4, rngs=nnx.Rngs(0))
+    >>> x = jnp.ones((8, 8))
     >>> with jmp.activate(mesh, rules):
-    ...     y = layer(x)            # sharded per rules, collectives inserted
+    ...     y = jax.jit(lambda x: layer(x))(x)  # traced here: one psum joins the blocks
+    ...     jmp.context.param_axis("mlp")
+    'model'
+    >>> jmp.context.current_rules() is None    # nothing active outside the block
+    True
+    >>> bool(jnp.allclose(y, layer(x), atol=1e-6))  # the dense product, the reference
+    True
 """
 
 from __future__ import annotations

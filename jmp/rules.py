@@ -14,7 +14,7 @@ Example:
     >>> mesh = jmp.make_mesh("data=2,model=4")
     >>> rules = jmp.rules.preset("dp_tp", mesh)
     >>> rules.param_spec(("embed", "mlp"), shape=(64, 256), mesh=mesh)
-    PartitionSpec(None, 'model')
+    P(None, 'model')
 """
 
 from __future__ import annotations

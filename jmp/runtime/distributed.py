@@ -23,12 +23,22 @@ variables:
 ``JMP_LOCAL_DEVICES`` and ``JMP_TIMEOUT``; ``JMP_DISTRIBUTED=auto`` lets JAX detect SLURM,
 Open MPI and the other clusters it knows.
 
-Example:
-    >>> import jmp.runtime.distributed
-    >>> cluster = jmp.runtime.distributed.initialize(
-    ...     coordinator_address="10.0.0.1:61234", num_processes=2, process_id=0,
-    ...     local_device_count=4, expected_devices="data=2,model=4")
-    >>> mesh = jmp.make_mesh("data=2,model=4")   # spans both processes
+Usage, in each process of a two-process job (not run as a doctest: it needs the peer process
+and starts JAX's runtime; tests/test_distributed.py runs it for real, with two processes)::
+
+    import jmp, jmp.runtime.distributed
+    cluster = jmp.runtime.distributed.initialize(
+        coordinator_address="10.0.0.1:61234", num_processes=2, process_id=0,  # 1 on the other
+        local_device_count=4, expected_devices="data=2,model=4")
+    mesh = jmp.make_mesh("data=2,model=4")   # spans both processes' devices
+
+The checks that come before the network run without it:
+    >>> from jmp.runtime.distributed import DistributedError, initialize
+    >>> try:
+    ...     initialize(coordinator_address="10.0.0.1", num_processes=2, process_id=0)
+    ... except DistributedError as e:
+    ...     print(str(e).split(" is not")[0])
+    Invalid distributed settings: coordinator_address='10.0.0.1'
 """
 
 from __future__ import annotations

@@ -19,12 +19,22 @@ code) are defined here, the lower module, so that the imports point one way
 (``distributed -> rendezvous``); :mod:`jmp.runtime.distributed` re-exports them as their
 public home.
 
-Example (two processes on one machine; each runs its own half):
-    >>> from jmp.runtime.rendezvous import Member, check_in, start_guard
-    >>> me = Member("127.0.0.1:61234", process_id=0, num_processes=2, local_devices=4,
-    ...             timeout_s=60.0)
-    >>> peers, hosts = check_in(me)           # process 1 runs it with process_id=1
-    >>> start_guard(me.process_id, peers, hosts, grace_s=me.timeout_s)
+Example (two processes' halves, played by two threads of this one; a real job runs
+``check_in`` once in each process, then ``start_guard(me.process_id, peers, hosts,
+grace_s=me.timeout_s)`` to watch the others while it trains):
+    >>> import socket
+    >>> from concurrent.futures import ThreadPoolExecutor
+    >>> with socket.socket() as probe:                 # a free port for the coordinator
+    ...     probe.bind(("127.0.0.1", 0))
+    ...     address = f"127.0.0.1:{probe.getsockname()[1]}"
+    >>> members = [Member(address, process_id=i, num_processes=2, local_devices=4,
+    ...                   timeout_s=30.0) for i in (0, 1)]
+    >>> with ThreadPoolExecutor(2) as pool:
+    ...     (peers_of_0, hosts), (peers_of_1, _) = pool.map(check_in, members)
+    >>> sorted(peers_of_0), sorted(peers_of_1), len(hosts)  # 0 holds a socket to 1, and back
+    ([1], [0], 2)
+    >>> for sock in (*peers_of_0.values(), *peers_of_1.values()):
+    ...     sock.close()
 """
 
 from __future__ import annotations
