@@ -87,6 +87,20 @@ def assert_one_line_error(code: int, err: str, *names: str) -> str:
         ),
         (["generate", "--run", "r", "--tokens", "-1"], ["--tokens", "-1 is negative", ">= 0"]),
         (["generate", "--run", "r", "--devices", "0"], ["--devices", "0 is not a positive"]),
+        # train's numbers: refused before anything starts (--checkpoint-every -1 was refused
+        # after the run folder was made, --sample -1 after training, --seed -1 was a traceback)
+        (["train", "--lr", "inf"], ["--lr", "'inf' is not a finite number"]),
+        (["train", "--lr", "nan"], ["--lr", "'nan' is not a finite number"]),
+        (["train", "--lr", "-0.1"], ["--lr", "-0.1 is not > 0"]),
+        (["train", "--steps", "0"], ["--steps", "0 is not a positive integer"]),
+        (["train", "--batch", "-4"], ["--batch", "-4 is not a positive integer"]),
+        (["train", "--microbatches", "0"], ["--microbatches", "0 is not a positive integer"]),
+        (["train", "--eval-every", "0"], ["--eval-every", "0 is not a positive integer"]),
+        (["train", "--checkpoint-every", "-1"], ["--checkpoint-every", "-1 is negative"]),
+        (["train", "--sample", "-1"], ["--sample", "-1 is negative"]),
+        (["train", "--seed", "-1"], ["--seed", "-1 is not a seed in [0, 2**32)"]),
+        (["train", "--seed", str(2**32)], ["--seed", "is not a seed in [0, 2**32)"]),
+        (["generate", "--run", "r", "--seed", "-3"], ["--seed", "-3 is not a seed"]),
         # argparse's own errors are one line too (no usage block)
         (["train", "--no-such-option"], ["unrecognized arguments: --no-such-option"]),
         ([], ["command"]),

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import jmp
+from jmp.errors import ConfigError
 from jmp.models import GPT, GPTConfig
 from jmp.train import TrainConfig, make_eval_step, make_optimizer, make_step
 from jmp.train.checkpoint import Checkpointer, CheckpointError
@@ -283,6 +284,36 @@ def test_cli_nonfinite_is_exit_2(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert re.search(r"Non-finite (loss|grad_norm|parameters)(=(nan|inf))? at step \d", done.stderr)
     assert "Traceback" not in done.stderr
+
+
+def test_cli_skip_nonfinite_gives_up_after_ten_in_a_row(tmp_path):
+    # lr 1e30 blows every update up; a skipped update leaves the parameters as they were, so
+    # each following step is non-finite again: the guard must stop, not skip forever
+    out = tmp_path / "r"
+    done = run_jmp(
+        "train",
+        *TINY,
+        "--steps",
+        "30",
+        "--lr",
+        "1e30",
+        "--skip-nonfinite",
+        "--out",
+        str(out),
+        timeout=180,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert re.search(
+        r"11 non-finite updates in a row \(the last: \w+=(nan|inf) at step \d+\)", done.stderr
+    ), done.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped"] == 10 and len(rows) < 30  # stopped, 10 skips logged
+
+
+def test_train_config_refuses_a_seed_numpy_cannot_take():
+    with pytest.raises(ConfigError, match=r"seed=-1 must be an int in \[0, 2\*\*32\)"):
+        TrainConfig(seed=-1)
 
 
 def test_non_finite_parameters_are_never_checkpointed():

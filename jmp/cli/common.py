@@ -92,6 +92,14 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """A random seed: an ``int`` in [0, 2**32) (what numpy's and JAX's generators take)."""
+    value = _number(text, int, "an integer")
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed in [0, 2**32)")
+    return value
+
+
 def finite_float(text: str) -> float:
     """A ``float`` that is not nan or inf."""
     value = _number(text, float, "a number")

@@ -11,7 +11,14 @@ import json
 import os
 from typing import Any
 
-from jmp.cli.common import fits, nonnegative_float, nonnegative_int, positive_int, start_devices
+from jmp.cli.common import (
+    fits,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+    seed_int,
+    start_devices,
+)
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -31,7 +38,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default=0.0,
         help="sampling temperature, a finite number >= 0 (0 = greedy)",
     )
-    gen.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    gen.add_argument("--seed", type=seed_int, default=0, help="random seed for sampling")
     gen.add_argument(
         "--devices",
         type=positive_int,

@@ -13,18 +13,26 @@ import time
 from typing import Any, cast
 
 from jmp import strategies
-from jmp.cli.common import add_model_args, mesh_spec, setup
+from jmp.cli.common import (
+    add_model_args,
+    mesh_spec,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    seed_int,
+    setup,
+)
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add this command to the ``jmp`` command's subparsers."""
     train = sub.add_parser("train", help="train a GPT on a device mesh")
     add_model_args(train)
-    train.add_argument("--steps", type=int, default=600)
-    train.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
+    train.add_argument("--steps", type=positive_int, default=600)
+    train.add_argument("--batch", type=positive_int, default=16, help="global batch (sequences)")
     train.add_argument(
         "--microbatches",
-        type=int,
+        type=positive_int,
         default=1,
         help="gradient accumulation; with a pp_* strategy, the pipeline's M",
     )
@@ -34,7 +42,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         choices=strategies.PIPELINE_SCHEDULES,
         help="pipeline schedule for pp_* strategies",
     )
-    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--lr", type=positive_float, default=3e-3)
     train.add_argument(
         "--data",
         nargs="+",
@@ -42,9 +50,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="text files, folders or globs (default: Python stdlib sources)",
     )
     train.add_argument("--out", default=None, help="run folder (default runs/<time>)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--eval-every", type=int, default=100)
-    train.add_argument("--checkpoint-every", type=int, default=100)
+    train.add_argument("--seed", type=seed_int, default=0)
+    train.add_argument("--eval-every", type=positive_int, default=100)
+    train.add_argument(
+        "--checkpoint-every",
+        type=nonnegative_int,
+        default=100,
+        help="steps between checkpoints (0: only the last step's)",
+    )
     train.add_argument(
         "--resume",
         action="store_true",
@@ -66,7 +79,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     train.add_argument(
         "--skip-nonfinite", action="store_true", help="skip NaN/inf updates instead of stopping"
     )
-    train.add_argument("--sample", type=int, default=200, help="bytes of text to sample at the end")
+    train.add_argument(
+        "--sample", type=nonnegative_int, default=200, help="bytes of text to sample at the end"
+    )
 
     return train
 

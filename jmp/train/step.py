@@ -77,6 +77,8 @@ class TrainConfig:
             for n in ("steps", "batch_size", "microbatches", "eval_every", "eval_batches")
             if not isinstance(getattr(self, n), int) or getattr(self, n) < 1
         ]
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            problems.append(f"seed={self.seed!r} must be an int in [0, 2**32)")
         if not self.lr > 0:
             problems.append(f"lr={self.lr!r} must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
