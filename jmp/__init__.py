@@ -25,6 +25,7 @@ from jmp.rules import Rules
 
 if TYPE_CHECKING:  # loaded lazily by __getattr__; imported here so type checkers see them
     from jmp import inspect, layers, losses, models, pipeline, plan, sharding, train
+    from jmp.models.llama import Llama, LlamaConfig
     from jmp.sharding import (
         ParamTable,
         named_shardings,
@@ -42,6 +43,8 @@ _LAZY_NAMES = {
         "jmp.sharding",
     ),
     "fit": "jmp.train.trainer",
+    "Llama": "jmp.models.llama",
+    "LlamaConfig": "jmp.models.llama",
 }
 
 
@@ -58,6 +61,8 @@ __all__ = [
     "ConfigError",
     "DeviceError",
     "JmpError",
+    "Llama",
+    "LlamaConfig",
     "MeshError",
     "ParamTable",
     "Rules",

@@ -34,7 +34,18 @@ MeshAxes = str | tuple[str, ...] | None
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 
 #: The logical axis names jmp's layers and models use; every rule table has an entry for each.
-LOGICAL_NAMES = ("batch", "seq", "embed", "mlp", "heads", "kv", "vocab", "layers", "stage")
+LOGICAL_NAMES = (
+    "batch",
+    "seq",
+    "embed",
+    "mlp",
+    "heads",
+    "kv_heads",
+    "kv",
+    "vocab",
+    "layers",
+    "stage",
+)
 
 
 def _frozen(table: Mapping[str, MeshAxes]) -> Mapping[str, MeshAxes]:
@@ -66,7 +77,9 @@ class Kind:
     requires: tuple[str, ...] = ()
 
 
-_TENSOR = {"mlp": "model", "heads": "model", "vocab": "model"}
+# 'kv_heads' (grouped-query attention's key/value heads) splits like 'heads'; a model whose kv
+# heads the axis does not divide names that dim None instead (see jmp.layers.attention).
+_TENSOR = {"mlp": "model", "heads": "model", "kv_heads": "model", "vocab": "model"}
 
 #: The kinds, in the order they appear in strategy names and mesh axes (outermost first: the
 #: pipeline crosses the slowest links, tensor parallelism stays on the fastest).

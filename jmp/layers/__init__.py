@@ -24,7 +24,7 @@ Example (the seed model, ``Linear(10,10) -> ReLU -> Linear(10,1)``, tensor-paral
     ...         return self.down(jax.nn.relu(self.up(x)))
 """
 
-from jmp.layers.attention import ParallelAttention
+from jmp.layers.attention import GroupedQueryAttention, ParallelAttention, kv_heads_name
 from jmp.layers.base import (
     Initializer,
     Mode,
@@ -39,21 +39,29 @@ from jmp.layers.linear import (
     column_parallel_matmul,
     row_parallel_matmul,
 )
-from jmp.layers.mlp import ParallelMLP
+from jmp.layers.mlp import GatedMLP, ParallelMLP
 from jmp.layers.norm import RMSNorm
+from jmp.layers.rope import RopeScaling, apply_rope, inverse_frequencies, rope_cos_sin
 
 __all__ = [
     "ColumnParallelLinear",
+    "GatedMLP",
+    "GroupedQueryAttention",
     "Initializer",
     "Mode",
     "ParallelAttention",
     "ParallelEmbed",
     "ParallelMLP",
     "RMSNorm",
+    "RopeScaling",
     "RowParallelLinear",
+    "apply_rope",
     "column_parallel_matmul",
     "default_embedding_init",
     "default_kernel_init",
+    "inverse_frequencies",
+    "kv_heads_name",
     "named_param",
+    "rope_cos_sin",
     "row_parallel_matmul",
 ]
