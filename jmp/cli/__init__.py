@@ -15,7 +15,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from jmp.cli import generate, inspect, plan, train
+from jmp.cli import data, generate, inspect, plan, train
 from jmp.cli.common import CommandParser
 from jmp.runtime.launch import add_launch_parser, cmd_launch
 
@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_parser(sub)
     add_launch_parser(sub)
     generate.add_parser(sub)
+    data.add_parser(sub)
     return parser
 
 
@@ -38,6 +39,7 @@ COMMANDS = {
     "inspect": inspect.cmd_inspect,
     "plan": plan.cmd_plan,
     "launch": cmd_launch,
+    "data": data.cmd_data,
 }
 
 

@@ -1,5 +1,8 @@
 """Byte-level text data: tokens are bytes (vocabulary 256), batches are pure functions of step.
 
+(This is ``jmp train``'s path for plain text files; prepared corpora are read by
+:mod:`jmp.train.data.loader`.)
+
 The default corpus is the Python standard library's own ``.py`` sources, found on the machine
 (nothing is downloaded). The batch for step k depends only on (seed, k, split), so a resumed run
 sees exactly the batches it would have seen. Global batches are assembled with
@@ -41,8 +44,18 @@ def default_corpus_files() -> list[str]:
     return [f for f in files if "site-packages" not in f]
 
 
-def expand_paths(paths: Sequence[str]) -> list[str]:
-    """Files named by ``paths`` (files, folders searched recursively, or globs), sorted."""
+_NO_MATCH_FIX = (
+    "Fix: pass an existing file, folder or glob (e.g. 'texts/*.txt'), or omit --data to use "
+    "the Python standard library's sources."
+)
+
+
+def expand_paths(paths: Sequence[str], *, fix: str = _NO_MATCH_FIX) -> list[str]:
+    """Files named by ``paths`` (files, folders searched recursively, or globs), sorted.
+
+    Raises:
+        ConfigError: a path matches no file (the message ends with ``fix``).
+    """
     files: list[str] = []
     for path in paths:
         if os.path.isdir(path):
@@ -54,11 +67,7 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
         else:
             found = sorted(p for p in glob.glob(path) if os.path.isfile(p))
         if not found:
-            raise ConfigError(
-                f"Data path {path!r} matches no file. Fix: pass an existing file, "
-                f"folder or glob (e.g. 'texts/*.txt'), or omit --data to use the "
-                f"Python standard library's sources."
-            )
+            raise ConfigError(f"Data path {path!r} matches no file. {fix}")
         files += found
     return files
 
