@@ -91,18 +91,20 @@ def pack(
     real = where < n
     safe = np.minimum(where, n - 1)
     doc = np.searchsorted(layout.start, safe, side="right") - 1
-    into = safe - layout.start[doc]
-    ids = np.where(real, tokens[layout.source[doc] + into], 0).astype(np.int32)
+    begin = layout.start[doc]  # where each token's document starts in the stream
+    ids = np.take(tokens, layout.source[doc] + (safe - begin)).astype(np.int32)
+    ids[~real] = 0
     # a row's segments are its consecutive documents: no document is empty, so the stream
     # index of the document minus that of the row's first one, plus one
-    segment = np.where(real, doc - doc[:, :1] + 1, 0).astype(np.int32)
-    row_start = where[:, :1]
-    position = np.where(real, where - np.maximum(layout.start[doc], row_start), 0)
+    segment = (doc - doc[:, :1] + 1).astype(np.int32)
+    segment[~real] = 0
+    position = (where - np.maximum(begin, where[:, :1])).astype(np.int32)
+    position[~real] = 0
     same = real[:, 1:] & (doc[:, 1:] == doc[:, :-1])
     return {
         "inputs": ids[:, :-1],
         "targets": np.where(same, ids[:, 1:], 0),
         "segment_ids": segment[:, :-1],
-        "positions": position[:, :-1].astype(np.int32),
+        "positions": position[:, :-1],
         "loss_mask": same.astype(np.float32),
     }
