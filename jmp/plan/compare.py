@@ -209,7 +209,11 @@ def _abstract_model(
 ) -> nnx.Module:
     """The model as shapes, dtypes and shardings: shard_init's init, traced and never run."""
     graphdef, init = _nnx_init(make_model, mesh, rules, 0)  # raises ShardingError strictly
-    return nnx.merge(graphdef, jax.eval_shape(init))
+    others = nnx.split_state(jax.eval_shape(init), nnx.RngState, ...)[1]
+    # random keys (dropout) are values, not shapes: the step folds its index into them. A jit
+    # that returns only them computes nothing else (XLA drops the unused parameter inits).
+    keys = jax.jit(lambda: nnx.split_state(init(), nnx.RngState, ...)[0])()
+    return nnx.merge(graphdef, keys, others)
 
 
 def _measure(strategy: str, mesh: Mesh, dev: Device, compiled: Any) -> Candidate:

@@ -187,23 +187,47 @@ class Step:
             return self.jitted.lower(state, batch)
 
 
+def fold_keys(keys: nnx.State, index: jax.Array | int, /) -> nnx.State:
+    """The model's random keys (its ``nnx.RngState``: dropout and the like) for step ``index``.
+
+    A functional step cannot advance the model's ``Rngs`` (the update would be lost), so each
+    step folds its index into the keys the model was built with: the random draws are a pure
+    function of (seed, step), as the batches are, and a resumed run draws the same ones.
+
+    Example:
+        >>> keys = nnx.state(nnx.Dropout(0.5, rngs=nnx.Rngs(0)), nnx.RngState)
+        >>> a, b = (jax.tree.leaves(fold_keys(keys, i))[0] for i in (1, 2))
+        >>> bool((jax.random.key_data(a) != jax.random.key_data(b)).any())
+        True
+    """
+
+    def fold(x: jax.Array) -> jax.Array:
+        is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        return jax.random.fold_in(x, index) if is_key else x  # RngCount: as it is
+
+    return jax.tree.map(fold, keys)
+
+
 def _accumulate(
-    grad_fn: Callable, params: nnx.State, batch: Batch, microbatches: int
+    grad_fn: Callable, params: nnx.State, batch: Batch, microbatches: int, rngs: nnx.State
 ) -> tuple[jax.Array, nnx.State]:
     """Mean loss and gradients over ``microbatches`` slices of the batch (a ``lax.scan``)."""
     if microbatches == 1:
-        return grad_fn(params, batch)
+        return grad_fn(params, batch, rngs)
     # Strided: microbatch i takes rows i, i+m, i+2m...: every data shard contributes its own
     # rows to every microbatch, so no activation moves between devices (a contiguous split
     # would put each microbatch on only some devices).
     split = jax.tree.map(lambda a: a.reshape(-1, microbatches, *a.shape[1:]).swapaxes(0, 1), batch)
 
-    def body(carry: tuple, micro: Batch) -> tuple[tuple, None]:
-        loss, grads = grad_fn(params, micro)
+    def body(carry: tuple, micro: tuple[Batch, jax.Array]) -> tuple[tuple, None]:
+        rows, i = micro
+        loss, grads = grad_fn(params, rows, fold_keys(rngs, i))  # other draws per microbatch
         return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), split)
+    (loss, grads), _ = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), zeros), (split, jnp.arange(microbatches))
+    )
     return loss / microbatches, jax.tree.map(lambda g: g / microbatches, grads)
 
 
@@ -224,8 +248,9 @@ def make_step(
     the model's current parameters, with optimizer state sharded like the parameters.
     Metrics: ``loss``, ``grad_norm`` and (if ``schedule`` is given) ``lr``. An update whose
     loss or gradient norm is not finite is not applied (parameters and optimizer state stay).
+    Random draws (dropout) use the model's keys folded with the step (:func:`fold_keys`).
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
     param_shardings = named_shardings(params, rules, mesh)
     replicated = NamedSharding(mesh, P())
     abstract_opt = jax.eval_shape(optimizer.init, params)
@@ -241,14 +266,19 @@ def make_step(
     state_shardings = TrainState(cast(Any, replicated), param_shardings, opt_shardings)
     data_sharding = batch_sharding(mesh, rules)
 
-    def loss_of(params: nnx.State, batch: Batch) -> jax.Array:
-        return loss_fn(nnx.merge(graphdef, params, rest), batch)
+    def loss_of(params: nnx.State, batch: Batch, rngs: nnx.State) -> jax.Array:
+        # fresh variables at this trace level: drawing a key advances its RngCount in place,
+        # which flax allows only for variables made in the current trace (the update is
+        # dropped: the next step's keys come from fold_keys, not from the count)
+        rngs = jax.tree.map(lambda x: x, rngs)
+        return loss_fn(nnx.merge(graphdef, params, rngs, rest), batch)
 
     grad_fn = jax.value_and_grad(loss_of)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         with activate(mesh, rules):
-            loss, grads = _accumulate(grad_fn, state.params, batch, microbatches)
+            rngs_now = fold_keys(rngs, state.step)
+            loss, grads = _accumulate(grad_fn, state.params, batch, microbatches, rngs_now)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -291,14 +321,17 @@ def make_step(
 def make_eval_step(
     model: nnx.Module, mesh: Mesh, rules: Rules, /, *, loss_fn: LossFn = next_token_loss
 ) -> Callable[[nnx.State, Batch], jax.Array]:
-    """Compiled loss of (params, batch), for validation."""
+    """Compiled loss of (params, batch), for validation, in eval mode (``Module.eval()``: no
+    dropout)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_shardings = named_shardings(params, rules, mesh)
     data_sharding = batch_sharding(mesh, rules)
 
     def evaluate(params: nnx.State, batch: Batch) -> jax.Array:
         with activate(mesh, rules):
-            return loss_fn(nnx.merge(graphdef, params, rest), batch)
+            evaluated = nnx.merge(graphdef, params, rest)
+            evaluated.eval()  # deterministic: no dropout (Module.eval sets `deterministic`)
+            return loss_fn(evaluated, batch)
 
     jitted = jax.jit(
         evaluate,
