@@ -43,6 +43,20 @@ def extra(parser):
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds")
 
 
+def utf8_files(files: list[str]) -> list[str]:
+    """The files that are UTF-8 text (the stdlib holds a few test files in other encodings,
+    which ``prepare`` refuses by name)."""
+    kept = []
+    for name in files:
+        with open(name, "rb") as f:
+            try:
+                f.read().decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+        kept.append(name)
+    return kept
+
+
 def time_prepare(files: list[str], root: str, quick: bool) -> dict:
     """MB/s of ``prepare`` with the bytes tokenizer (all files) and a BPE (a share of them)."""
     out = {}
@@ -70,7 +84,7 @@ def main() -> None:
     devices = common.setup()
     rounds = args.rounds or (4 if args.quick else 8)
     batch, seq = args.batch, args.seq
-    files = default_corpus_files()
+    files = utf8_files(default_corpus_files())
     if args.quick:
         files = files[: len(files) // 4]
     root = tempfile.mkdtemp(prefix="jmp-bench-data-")
