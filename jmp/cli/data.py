@@ -16,7 +16,9 @@ from jmp.cli.common import CommandParser, positive_int
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add this command (and its ``prepare`` subcommand) to the ``jmp`` command's subparsers."""
     data = sub.add_parser("data", help="prepare token corpora from text files")
-    actions = data.add_subparsers(dest="data_command", required=True, parser_class=CommandParser)
+    actions = data.add_subparsers(
+        dest="data_command", metavar="{prepare}", required=True, parser_class=CommandParser
+    )
     prepare = actions.add_parser(
         "prepare",
         help="tokenize text files into a corpus",
