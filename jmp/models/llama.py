@@ -25,7 +25,7 @@ Example:
     >>> with jmp.activate(mesh, rules):                 # model=4 > 2 kv heads: k/v replicated
     ...     logits = jax.jit(model)(jnp.zeros((8, cfg.seq_len), jnp.int32))
     >>> logits.shape, model.blocks.attn.k.kernel.sharding.spec
-    ((8, 64, 256), PartitionSpec())
+    ((8, 64, 256), P())
 """
 
 from __future__ import annotations
