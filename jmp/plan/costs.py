@@ -23,8 +23,8 @@ simulated CPU devices (``tests/test_plan.py``) for every strategy:
   never gathered: the token ids are all-gathered, each device looks up its embedding columns and
   two all-to-alls (forward, backward) move them to the batch layout.
 - the global gradient norm: one float per parameter array and mesh axis that splits it,
-  all-reduced over that axis, twice (``clip_by_global_norm`` and the ``grad_norm`` metric are not
-  merged by XLA).
+  all-reduced over that axis once (the step's norm serves the metric, the non-finite guard and
+  :func:`jmp.train.clipping.clip_by_global_norm`).
 
 Example:
     >>> [a.path for a in param_arrays(GPTConfig.named("tiny"))][:3]
@@ -310,15 +310,13 @@ def _batch_comms(c: _Ctx) -> list[Comm]:
 
 
 def _norm_comms(c: _Ctx) -> list[Comm]:
-    """Global gradient norm: a float32 partial sum per array and splitting axis, computed twice."""
+    """Global gradient norm: a float32 partial sum per array and splitting axis, computed once."""
     per_axis: dict[str, int] = defaultdict(int)
     for lay in c.layouts:
         for a in lay.split_axes:
             per_axis[a] += 1
     return [
-        Comm(
-            "all-reduce", a, 4, 2 * k, f"gradient norm partial sums ({k} arrays x clip and metric)"
-        )
+        Comm("all-reduce", a, 4, k, f"gradient norm partial sums ({k} arrays)")
         for a, k in per_axis.items()
     ]
 

@@ -26,11 +26,10 @@ Example:
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 from jmp import strategies
 from jmp.models.gpt import GPTConfig
-from jmp.plan.costs import Comm, ParamArray, _Ctx, _flops, _one_axis, param_arrays
+from jmp.plan.costs import Comm, ParamArray, _Ctx, _flops, _norm_comms, _one_axis, param_arrays
 
 STAGE_AXIS = strategies.STAGE_AXIS
 
@@ -194,17 +193,7 @@ def _pipeline_comms(c: _Ctx, S: int, schedule: str) -> list[Comm]:
                     + (f", per layer ({layers})" if layers > 1 else ""),
                 )
             )
-    norm: dict[str, int] = defaultdict(int)
-    for lay in c.layouts:
-        for a in lay.split_axes:
-            norm[a] += 1
-    out += [
-        Comm(
-            "all-reduce", a, 4, 2 * k, f"gradient norm partial sums ({k} arrays x clip and metric)"
-        )
-        for a, k in norm.items()
-    ]
-    return out
+    return out + _norm_comms(c)
 
 
 def _pipeline_activations(c: _Ctx, S: int, schedule: str, cb: int) -> int:

@@ -1,10 +1,12 @@
 """Training: the compiled step, the trainer for any model, checkpoints, and data.
 
 - :mod:`~jmp.train.step`: :func:`make_step`, one ``jax.jit`` over (state, batch).
+- :mod:`~jmp.train.clipping`: clipping by the step's own global gradient norm.
 - :mod:`~jmp.train.trainer`: :func:`fit`, the training loop for any NNX model.
 - :mod:`~jmp.train.loop`: jmp's GPT on byte text through :func:`fit` (``jmp train``).
 - :mod:`~jmp.train.checkpoint`: orbax checkpoints that restore onto any mesh.
-- :mod:`~jmp.train.data`: byte-level text batches as pure functions of the step.
+- :mod:`~jmp.train.data`: byte-level text batches as pure functions of the step, prepared
+  (tokenized) corpora, document packing and the grain loader.
 
 The step's names are re-exported here (``jmp.train.make_step``); the loop and checkpoints load
 orbax, matplotlib and rich, so they are imported only when used.
@@ -18,6 +20,7 @@ Example:
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from jmp.train.clipping import clip_by_global_norm
 from jmp.train.step import (
     Step,
     TrainConfig,
@@ -50,6 +53,7 @@ __all__ = [
     "TrainConfig",
     "TrainState",
     "check_batch",
+    "clip_by_global_norm",
     "fit",
     "lr_schedule",
     "make_eval_step",

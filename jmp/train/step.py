@@ -39,6 +39,7 @@ from jmp.losses import cross_entropy
 from jmp.rules import Rules
 from jmp.rules import check_batch as check_batch  # re-exported: jmp.train.check_batch
 from jmp.sharding import named_shardings
+from jmp.train.clipping import clip_by_global_norm
 from jmp.train.data import batch_sharding
 
 
@@ -105,9 +106,10 @@ def lr_schedule(cfg: TrainConfig, /) -> optax.Schedule:
 
 
 def make_optimizer(cfg: TrainConfig, /) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW on :func:`lr_schedule`."""
+    """Global-norm clipping (by the step's own norm: :mod:`jmp.train.clipping`), then AdamW on
+    :func:`lr_schedule`."""
     return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_norm),
+        clip_by_global_norm(cfg.clip_norm),
         optax.adamw(lr_schedule(cfg), b1=0.9, b2=0.95, weight_decay=cfg.weight_decay),
     )
 
@@ -250,6 +252,7 @@ def make_step(
     loss or gradient norm is not finite is not applied (parameters and optimizer state stay).
     Random draws (dropout) use the model's keys folded with the step (:func:`fold_keys`).
     """
+    optimizer = optax.with_extra_args_support(optimizer)  # takes grad_norm=, may ignore it
     graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
     param_shardings = named_shardings(params, rules, mesh)
     replicated = NamedSharding(mesh, P())
@@ -279,9 +282,13 @@ def make_step(
         with activate(mesh, rules):
             rngs_now = fold_keys(rngs, state.step)
             loss, grads = _accumulate(grad_fn, state.params, batch, microbatches, rngs_now)
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            # one global norm for the metric, the guard and jmp's clipping (an extra argument
+            # the other transformations ignore): each split array's norm is all-reduced once
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = optimizer.update(
+                grads, state.opt_state, state.params, grad_norm=grad_norm
+            )
             params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.tree.norm(grads)
         # A NaN/inf update is never applied: the state passes through unchanged (the loop
         # then stops or skips). Done here because the input state was donated. A cond, not an
         # elementwise select over the whole state: the select kept XLA from updating the
