@@ -65,22 +65,27 @@ def reference():
     return _REFERENCE["run"]
 
 
+STRATEGY_CASES = [
+    ("dp", "data=8", {}),
+    ("fsdp", "data=8", {}),
+    ("tp", "model=8", {"mode": "manual"}),  # 8 > 2 kv heads: k/v replicated, shares used
+    ("fsdp_tp", "data=2,model=4", {"remat": True}),  # 4 > 2 kv heads
+    ("fsdp_tp", "data=4,model=2", {}),  # 2 kv heads split over 2
+    ("pp_dp", "stage=2,data=4", {}),
+    ("pp_dp_tp", "stage=2,data=2,model=2", {"remat": True}),
+]
+
+
 @pytest.mark.parametrize(
-    "strategy,spec,mode",
-    [
-        ("dp", "data=8", "auto"),
-        ("fsdp", "data=8", "auto"),
-        ("tp", "model=8", "manual"),  # 8 > 2 kv heads: k/v replicated, each device its share
-        ("fsdp_tp", "data=2,model=4", "auto"),  # 4 > 2 kv heads
-        ("fsdp_tp", "data=4,model=2", "auto"),  # 2 kv heads split over 2
-        ("pp_dp", "stage=2,data=4", "auto"),
-    ],
+    "strategy,spec,options",
+    STRATEGY_CASES,
+    ids=[f"{s}-{m}" + "".join(f"-{k}={v}" for k, v in o.items()) for s, m, o in STRATEGY_CASES],
 )
-def test_every_strategy_equals_one_device(make_mesh, strategy, spec, mode):
+def test_every_strategy_equals_one_device(make_mesh, strategy, spec, options):
     mesh = make_mesh(spec)
     rules = jmp.rules.preset(strategy, mesh)
     stages = mesh.shape.get("stage", 1)
-    cfg = LlamaConfig(**{**CFG.to_dict(), "mode": mode})
+    cfg = LlamaConfig(**{**CFG.to_dict(), **options})
     result = _fit(mesh, rules, cfg, stages)
     want_losses, want_params = reference()
     losses = [r["loss"] for r in result.history]
@@ -102,6 +107,7 @@ def test_every_strategy_equals_one_device(make_mesh, strategy, spec, mode):
         "tp": (*lead, None, "model"),
         "fsdp_tp": (*lead, "data", "model"),
         "pp_dp": ("stage",),
+        "pp_dp_tp": ("stage", None, None, "model"),
     }[strategy]
     assert _spec(q, len(want_q)) == want_q
     model_ways = mesh.shape.get("model", 1)
@@ -138,7 +144,9 @@ def _compiled_forward(cfg, mesh, rules):
         return jax.jit(forward).lower(abstract, tokens).compile()
 
 
-@pytest.mark.parametrize("spec,kv_heads", [("data=2,model=4", 2), ("data=2,model=4", 4)])
+@pytest.mark.parametrize(
+    "spec,kv_heads", [("data=2,model=4", 2), ("data=2,model=4", 4), ("data=4,model=2", 2)]
+)
 def test_tensor_parallel_block_keeps_megatron_count(make_mesh, spec, kv_heads):
     """2 all-reduces over 'model' in the scanned body (run n_layers times) + the embedding's."""
     mesh = make_mesh(spec)
@@ -149,9 +157,20 @@ def test_tensor_parallel_block_keeps_megatron_count(make_mesh, spec, kv_heads):
     assert all(c.kind == "all-reduce" for c in over_model), summary(found)
     in_body = [c for c in over_model if c.count == cfg.n_layers]  # ops in the loop: listed once
     assert len(in_body) == 2, summary(found)
-    activation = 8 // 2 * SEQ * cfg.d_model * 4  # (rows per device, seq, d_model) float32
+    activation = 8 // mesh.shape["data"] * SEQ * cfg.d_model * 4  # rows/device x seq x d, f32
     assert [c.bytes for c in in_body] == [activation, activation]
     assert len(over_model) == 3, summary(found)  # + the vocabulary-parallel embedding, once
+    # the train step: + 2 backward per block (the inputs' gradients of fused q/k/v, gate/up)
+    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
+    step = jmp.train.make_step(model, optax.sgd(0.1), mesh, rules)
+    compiled = step.lower(step.abstract_state(), step.abstract_batch(8, SEQ)).compile()
+    found = collectives(compiled, mesh)
+    in_body = [c for c in found if c.axes == ("model",) and c.count == cfg.n_layers]
+    assert [c.bytes for c in in_body if c.bytes == activation] == [activation] * 4, summary(found)
+    if kv_heads % mesh.shape["model"] == 0:  # split kv heads: nothing else per block
+        assert len(in_body) == 4, summary(found)
+    else:  # replicated k/v weights: their gradients are summed over their copies, too
+        assert {c.bytes for c in in_body} - {activation}, summary(found)
 
 
 def test_compiled_step_does_not_grow_with_depth(make_mesh):
@@ -166,6 +185,16 @@ def test_compiled_step_does_not_grow_with_depth(make_mesh):
         text = step.lower(step.abstract_state(), step.abstract_batch(8, SEQ)).compile().as_text()
         sizes[layers] = len(text.splitlines())
     assert sizes[32] <= sizes[4] * 1.02, sizes
+
+
+def test_remat_recomputes_the_scanned_blocks():
+    def grad_jaxpr(remat):
+        model = Llama(LlamaConfig.named("tiny", remat=remat), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        loss = lambda s, t: nnx.merge(graphdef, s)(t).sum()  # noqa: E731
+        return str(jax.make_jaxpr(jax.grad(loss))(state, jnp.zeros((1, 8), jnp.int32)))
+
+    assert "remat" in grad_jaxpr(True) and "remat" not in grad_jaxpr(False)
 
 
 # --- packing and positions ---------------------------------------------------------------------
