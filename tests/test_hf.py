@@ -274,6 +274,29 @@ def test_save_bfloat16_and_load_it_back(make_mesh, hf, tmp_path):
         np.testing.assert_array_equal(np.asarray(value), want, err_msg=path)
 
 
+def test_load_compiles_nothing(make_mesh, hf):
+    """Every device block comes from the files: no XLA program runs to gather, reshard or
+    convert a parameter on the devices (it would log a compilation)."""
+    import logging
+
+    mesh = make_mesh("data=2,model=4")
+    rules = jmp.rules.preset("fsdp_tp", mesh)
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            jmp.hf.load(hf["qwen2_bias"][0], mesh, rules)
+            with jax.set_mesh(mesh):
+                jax.jit(lambda x: x + 1)(np.ones(3))  # the check itself: this one is seen
+    finally:
+        logger.removeHandler(handler)
+    compiled = [m for m in messages if "compil" in m.lower() and "jit" in m]
+    assert compiled and all("lambda" in m for m in compiled), compiled
+
+
 # --- host memory -------------------------------------------------------------------------------
 
 
@@ -395,13 +418,18 @@ BAD = {
         lambda f: hf_models.train_tokenizer(f, vocab_size=300),
         ["300 ids", "vocab_size=128"],
     ),
+    "index names a missing file": (
+        _drop_shard,
+        ["names file 'model-00002-of-00004.safetensors'", "does not exist"],
+        "mistral_window",  # saved with an index and 4 files
+    ),
 }
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_folder_is_one_line(hf, tmp_path, case):
-    corrupt, words = BAD[case]
-    folder = _copy(hf, tmp_path)
+    corrupt, words, *source = BAD[case]
+    folder = _copy(hf, tmp_path, *source)
     corrupt(folder)
     mesh = jmp.make_mesh("data=8")
     with pytest.raises(jmp.ConfigError) as err:
@@ -412,18 +440,14 @@ def test_bad_folder_is_one_line(hf, tmp_path, case):
         assert word in message, (word, message)
 
 
-def test_index_naming_a_missing_file_is_one_line(hf, tmp_path):
-    folder = _copy(hf, tmp_path, "mistral_window")
-    _drop_shard(folder)
-    with pytest.raises(jmp.ConfigError, match=r"names file 'model-00002-of-00004.safetensors'"):
-        files.Checkpoint.open(folder)
-
-
 def test_save_refuses_what_it_cannot_write(make_mesh, hf, tmp_path):
     mesh = make_mesh("data=8")
     loaded = jmp.hf.load(hf["qwen2_bias"][0], mesh, jmp.rules.preset("fsdp", mesh))
     with pytest.raises(jmp.ConfigError, match="Cannot save as LlamaForCausalLM: qkv_bias=True"):
         jmp.hf.save(loaded.model, str(tmp_path / "x"), architecture="LlamaForCausalLM")
+    with pytest.raises(jmp.ConfigError, match="Cannot save as dtype='int8'"):
+        jmp.hf.save(loaded.model, str(tmp_path / "z"), dtype="int8")
+    assert not os.path.exists(tmp_path / "z")  # refused before anything is written
     gpt = jmp.models.GPT(jmp.models.GPTConfig(), rngs=nnx.Rngs(0))
     with pytest.raises(jmp.ConfigError, match="writes jmp.models.Llama models, got GPT"):
         jmp.hf.save(gpt, str(tmp_path / "y"))

@@ -51,6 +51,9 @@ from jmp.hf.tokenizer import HFTokenizer, Tokenizer
 #: one file; save_pretrained's default is 5 GB as well).
 MAX_SHARD_BYTES = 5 * 2**30
 
+#: The dtypes :func:`save` writes (safetensors' F32, BF16, F16).
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+
 _CODES = {
     np.dtype(np.float32): "F32",
     np.dtype(np.float16): "F16",
@@ -87,10 +90,17 @@ def _fetch(entry: names.Entry, x: jax.Array, where: tuple[int, ...], dtype: np.d
 
 
 def _tensors(model: Any, dtype: str | None) -> list[_Tensor]:
-    cfg = model.cfg
+    """Every HF tensor of ``model``, in the table's order, each layer its own tensor."""
+    cfg, stages = model.cfg, model.num_stages
+    lead = 1 if stages == 1 else 2  # the stacked dims: (layers,) or (stage, layers)
+    per = cfg.n_layers // stages
     flat = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    stacked = flat["blocks.attn_norm.scale"].get_value().ndim - 1  # (layers,) or (stage, layers)
-    per = cfg.n_layers // flat["blocks.attn_norm.scale"].get_value().shape[0]
+    unknown = sorted(set(flat) - set(names.ENTRIES))
+    if unknown:  # never drop a parameter silently
+        raise ConfigError(
+            f"jmp.hf has no Hugging Face name for parameter(s) {', '.join(unknown)}. Fix: add "
+            f"them to jmp/hf/names.py."
+        )
     tensors = []
     for path, entry in names.ENTRIES.items():
         if path not in flat:
@@ -100,10 +110,10 @@ def _tensors(model: Any, dtype: str | None) -> list[_Tensor]:
         layers: list[tuple[str, tuple[int, ...]]] = [(entry.hf_name(), ())]
         if entry.per_layer:
             layers = [
-                (entry.hf_name(i), (i,) if stacked == 1 else (i // per, i % per))
+                (entry.hf_name(i), (i,) if stages == 1 else (i // per, i % per))
                 for i in range(cfg.n_layers)
             ]
-        shape = names.hf_shape(entry, tuple(value.shape[stacked if entry.per_layer else 0 :]))
+        shape = names.hf_shape(entry, tuple(value.shape[lead if entry.per_layer else 0 :]))
         for name, where in layers:
             fetch = functools.partial(_fetch, entry, value, where, out)
             tensors.append(_Tensor(name, shape, out, fetch))
@@ -210,6 +220,11 @@ def save(
         )
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ConfigError(f"max_shard_bytes={max_shard_bytes!r} must be a positive int.")
+    if dtype is not None and dtype not in SAVE_DTYPES:
+        raise ConfigError(
+            f"Cannot save as dtype={dtype!r}. Fix: one of {', '.join(SAVE_DTYPES)}, or None "
+            f"for the parameters' own."
+        )
     folder = os.fspath(path)
     tensors = _tensors(model, dtype)
     config = to_hf(
