@@ -15,6 +15,11 @@ The tensor axis is not a layer argument: it is whatever mesh axis the current ru
 split dimension to (``'mlp'`` -> ``'model'`` under ``tp``; -> nothing under ``dp``). Outside
 :func:`jmp.activate`, layers compute the dense product: the single-device reference.
 
+GPT's layers: :class:`ParallelAttention` (fused qkv, learned positions in the model),
+:class:`ParallelMLP` (GELU). Llama's: :class:`GroupedQueryAttention` (rotary positions from
+:mod:`~jmp.layers.rope`, kv heads shared by groups of query heads, sliding window, packed
+documents), :class:`GatedMLP` (SwiGLU); both use :class:`RMSNorm`.
+
 Example (the seed model, ``Linear(10,10) -> ReLU -> Linear(10,1)``, tensor-parallel):
     >>> class Seed(nnx.Module):
     ...     def __init__(self, rngs):

@@ -180,8 +180,9 @@ class GroupedQueryAttention(nnx.Module):
     one kv head and the query heads that read it (Megatron's query-group layout): when ``m``
     divides the kv heads every device holds its own; otherwise the k/v weights are replicated
     and each device computes only the copies its slots need. So a block costs one all-reduce
-    forward (the row-parallel ``o``) and one backward (the input's gradient) either way, plus,
-    with replicated k/v, one backward all-reduce of their weights' gradients.
+    forward (the row-parallel ``o``) and one backward (the input's gradient) either way; with
+    replicated k/v the backward also sums their weights' gradients over the copies (small,
+    weight-sized collectives).
 
     ``split_kv_heads``: name the k/v heads dim ``'kv_heads'`` (True) or None (False: replicated);
     None decides with :func:`kv_heads_name` from the rules and mesh active at construction.

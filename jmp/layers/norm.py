@@ -20,6 +20,9 @@ from jmp.layers.base import (
 class RMSNorm(nnx.Module):
     """Root-mean-square layer norm with a learned ``('embed',)`` scale, computed in float32.
 
+    ``y = x / sqrt(mean(x^2) + eps) * scale``, as Hugging Face's ``LlamaRMSNorm`` (its
+    ``rms_norm_eps`` is ``eps``; Llama 3 and Mistral use 1e-5, Qwen2 1e-6).
+
     Example:
         >>> RMSNorm(64, rngs=nnx.Rngs(0))(jnp.ones((2, 64))).shape
         (2, 64)

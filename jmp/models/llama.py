@@ -11,7 +11,9 @@ by one ``jax.lax.scan``: the compiled program holds one block however deep the m
 compile time does not grow with depth. With ``num_stages > 1`` the stack is
 ``(stage, layers, ...)``, the layout of :mod:`jmp.pipeline.stack`, and the model is
 :class:`~jmp.pipeline.stack.Pipelinable` (``embed_inputs``, ``head_loss``, ``remat``): the
-``pp_*`` strategies pipeline it. The same seed gives the same values in both layouts.
+``pp_*`` strategies pipeline it. The same seed gives the same values in both layouts. Packed
+batches (``segment_ids``, ``positions``) run outside pipelines: between stages the pipeline
+passes one activation, and its blocks see the default positions.
 
 Under a tensor-parallel strategy a block costs the Megatron count: 2 all-reduces over the model
 axis forward (attention output, MLP output) and 2 backward (the inputs' gradients of the fused
@@ -62,85 +64,40 @@ _LLAMA3_SCALING = dict(
     factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
 )
 
+
+def _hf(vocab: int, hidden: int, layers: int, heads: int, kv: int, ff: int, **rest: Any) -> dict:
+    """A shape in the order of config.json's vocab_size, hidden_size, num_hidden_layers,
+    num_attention_heads, num_key_value_heads, intermediate_size."""
+    sizes = dict(vocab_size=vocab, d_model=hidden, n_layers=layers, n_heads=heads)
+    return {**sizes, "n_kv_heads": kv, "d_ff": ff, **rest}
+
+
 #: Named sizes. The published ones are the values of each model's Hugging Face config.json,
-#: written from memory of those files (not downloaded here): check them against the hub before
-#: relying on them. ``seq_len`` is a training length, not HF's max_position_embeddings.
+#: written from memory of those files (not downloaded here); their parameter counts equal the
+#: model cards' (tests/test_llama.py). ``seq_len`` is a training length, not HF's
+#: max_position_embeddings.
+# fmt: off
 LLAMA_SIZES: dict[str, dict[str, Any]] = {
     # small enough for 8 simulated CPU devices on 2 cores (GQA: 8 query heads, 2 kv heads)
     "tiny": dict(d_model=64, n_layers=2, n_heads=8, n_kv_heads=2, d_ff=192, seq_len=64),
     "small": dict(d_model=128, n_layers=4, n_heads=8, n_kv_heads=2, d_ff=384, seq_len=128),
-    # meta-llama/Meta-Llama-3-8B config.json: hidden_size 4096, intermediate_size 14336,
-    # 32 layers, 32 heads, 8 kv heads, vocab 128256, rope_theta 500000, rms_norm_eps 1e-5,
-    # max_position_embeddings 8192, untied
-    "llama3-8b": dict(
-        vocab_size=128256,
-        d_model=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        d_ff=14336,
-        seq_len=8192,
-        rope_theta=500000.0,
-        norm_eps=1e-5,
-    ),  # fmt: skip
-    # meta-llama/Llama-3.1-8B config.json: the same shapes, rope_scaling {rope_type llama3,
-    # factor 8, low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192}
-    "llama3.1-8b": dict(
-        vocab_size=128256,
-        d_model=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        d_ff=14336,
-        seq_len=8192,
-        rope_theta=500000.0,
-        norm_eps=1e-5,
-        rope_scaling=_LLAMA3_SCALING,
-    ),  # fmt: skip
-    # meta-llama/Meta-Llama-3-70B config.json: hidden_size 8192, intermediate_size 28672,
-    # 80 layers, 64 heads, 8 kv heads, vocab 128256, rope_theta 500000, rms_norm_eps 1e-5
-    "llama3-70b": dict(
-        vocab_size=128256,
-        d_model=8192,
-        n_layers=80,
-        n_heads=64,
-        n_kv_heads=8,
-        d_ff=28672,
-        seq_len=8192,
-        rope_theta=500000.0,
-        norm_eps=1e-5,
-    ),  # fmt: skip
-    # mistralai/Mistral-7B-v0.1 config.json: hidden_size 4096, intermediate_size 14336,
-    # 32 layers, 32 heads, 8 kv heads, vocab 32000, rope_theta 10000, rms_norm_eps 1e-5,
-    # sliding_window 4096, untied
-    "mistral-7b": dict(
-        vocab_size=32000,
-        d_model=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        d_ff=14336,
-        seq_len=8192,
-        rope_theta=10000.0,
-        norm_eps=1e-5,
-        sliding_window=4096,
-    ),  # fmt: skip
-    # Qwen/Qwen2.5-7B config.json: hidden_size 3584, intermediate_size 18944, 28 layers,
-    # 28 heads, 4 kv heads, vocab 152064, rope_theta 1000000, rms_norm_eps 1e-6, biases on
-    # q/k/v (Qwen2), use_sliding_window false, untied
-    "qwen2.5-7b": dict(
-        vocab_size=152064,
-        d_model=3584,
-        n_layers=28,
-        n_heads=28,
-        n_kv_heads=4,
-        d_ff=18944,
-        seq_len=4096,
-        rope_theta=1000000.0,
-        norm_eps=1e-6,
-        qkv_bias=True,
-    ),  # fmt: skip
+    # meta-llama/Meta-Llama-3-8B: rope_theta 500000, rms_norm_eps 1e-5, context 8192, untied
+    "llama3-8b": _hf(128256, 4096, 32, 32, 8, 14336, rope_theta=5e5, norm_eps=1e-5, seq_len=8192),
+    # meta-llama/Llama-3.1-8B: the same, with rope_scaling {rope_type llama3, factor 8,
+    # low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192}
+    "llama3.1-8b": _hf(128256, 4096, 32, 32, 8, 14336, rope_theta=5e5, norm_eps=1e-5,
+                       seq_len=8192, rope_scaling=_LLAMA3_SCALING),
+    # meta-llama/Meta-Llama-3-70B: rope_theta 500000, rms_norm_eps 1e-5, untied
+    "llama3-70b": _hf(128256, 8192, 80, 64, 8, 28672, rope_theta=5e5, norm_eps=1e-5, seq_len=8192),
+    # mistralai/Mistral-7B-v0.1: rope_theta 10000, rms_norm_eps 1e-5, sliding_window 4096
+    "mistral-7b": _hf(32000, 4096, 32, 32, 8, 14336, rope_theta=1e4, norm_eps=1e-5,
+                      sliding_window=4096, seq_len=8192),
+    # Qwen/Qwen2.5-7B: rope_theta 1000000, rms_norm_eps 1e-6, q/k/v biases (Qwen2),
+    # use_sliding_window false, untied
+    "qwen2.5-7b": _hf(152064, 3584, 28, 28, 4, 18944, rope_theta=1e6, norm_eps=1e-6,
+                      qkv_bias=True, seq_len=4096),
 }
+# fmt: on
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 _POSITIVE = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "seq_len")
