@@ -467,3 +467,18 @@ def test_streamed_safetensors_header_is_valid(tmp_path):
     np.testing.assert_array_equal(back["b"], b)
     with open(path, "rb") as f:
         assert struct.unpack("<Q", f.read(8))[0] % 8 == 0
+
+
+def test_config_reads_both_rope_spellings(hf):
+    """Published checkpoints spell rope settings as transformers 4 did (rope_theta and
+    rope_scaling at the top); transformers 5 writes rope_parameters. Both give one config."""
+    v5 = json.load(open(os.path.join(hf["llama3_tied"][0], "config.json")))
+    params = dict(v5.pop("rope_parameters"))
+    v4 = {**v5, "rope_theta": params.pop("rope_theta"), "rope_scaling": params}
+    assert "rope_parameters" in json.load(open(os.path.join(hf["llama_gqa"][0], "config.json")))
+    cfg = jmp.hf.from_hf(v4)
+    assert cfg == jmp.hf.config_of(hf["llama3_tied"][0])
+    assert (cfg.rope_theta, cfg.rope_scaling.factor, cfg.tie_embeddings) == (500000.0, 8.0, True)
+    written = jmp.hf.to_hf(cfg)  # both spellings, so transformers 4 and 5 read it
+    assert written["rope_scaling"]["rope_type"] == written["rope_parameters"]["rope_type"]
+    assert jmp.hf.from_hf(written) == cfg
