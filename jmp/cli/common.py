@@ -132,6 +132,16 @@ def fraction(text: str) -> float:
     return value
 
 
+def profile_window(text: str) -> tuple[int, int]:
+    """``START:END``: the steps (1-based, inclusive) a profile covers."""
+    from jmp.train.observe import parse_window
+
+    try:
+        return parse_window(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def mesh_text(text: str) -> str:
     """A mesh like ``data=2,model=4``: not empty, well formed (its fit is checked later)."""
     from jmp.errors import MeshError

@@ -19,6 +19,7 @@ from jmp.cli.common import (
     nonnegative_int,
     positive_float,
     positive_int,
+    profile_window,
     seed_int,
     setup,
 )
@@ -78,6 +79,19 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--skip-nonfinite", action="store_true", help="skip NaN/inf updates instead of stopping"
+    )
+    train.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write the metrics as TensorBoard scalars into <out>/tensorboard",
+    )
+    train.add_argument(
+        "--profile",
+        type=profile_window,
+        default=None,
+        metavar="START:END",
+        help="write a jax.profiler trace of steps START..END into <out>/profile "
+        "(open it with Perfetto or TensorBoard's profile plugin)",
     )
     train.add_argument(
         "--sample", type=nonnegative_int, default=200, help="bytes of text to sample at the end"
@@ -159,6 +173,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         checkpoint_every=args.checkpoint_every,
         skip_nonfinite=args.skip_nonfinite,
+        tensorboard=args.tensorboard,
+        profile=args.profile,
         meta={k: config[k] for k in ("strategy", "mesh", "data")},
         schedule=args.schedule,
         show_params=True,  # from the model being trained: it is built once

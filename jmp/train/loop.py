@@ -51,6 +51,8 @@ def run_training(
     schedule: ScheduleName = "1f1b",
     overwrite: bool = False,
     show_params: bool = False,
+    tensorboard: bool = False,
+    profile: tuple[int, int] | None = None,
 ) -> RunResult:
     """Train a GPT; write ``metrics.jsonl``, ``loss.png`` and checkpoints under ``out_dir``.
 
@@ -98,6 +100,8 @@ def run_training(
         meta={"model": model_cfg.to_dict(), "train": cfg.to_dict(), **(meta or {})},
         schedule=lr_schedule(cfg),
         tokens_per_batch=cfg.batch_size * model_cfg.seq_len,
+        tensorboard=tensorboard,
+        profile=profile,
     )
 
 

@@ -66,6 +66,8 @@ class ProgressBar:
                 info += f" | val {row['val_loss']:.3f}"
             if "tokens_per_s" in row:
                 info += f" | {row['tokens_per_s']:,.0f} tok/s"
+            if "mfu" in row:
+                info += f" | MFU {100 * row['mfu']:.1f}%"
             self.bar.update(task, advance=1, info=info)
 
         return advance

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -156,6 +157,17 @@ class Step:
         self.jitted, self.mesh = jitted, mesh
         self.init_state, self.abstract_state = init_state, abstract_state
         self.state_shardings, self.batch_sharding = state_shardings, batch_sharding
+        self.forward: Callable[[nnx.State, Batch], jax.Array] | None = None
+
+    def model_flops(self, batch: Batch, /) -> float:
+        """Model FLOPs of one step on ``batch`` (:func:`jmp.train.speed.model_flops`)."""
+        from jmp.train.speed import model_flops
+
+        assert self.forward is not None
+        params = self.abstract_state().params
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), batch)
+        with jax.set_mesh(self.mesh):
+            return model_flops(self.forward, params, abstract)
 
     def abstract_batch(
         self,
@@ -322,7 +334,13 @@ def make_step(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_shardings
         )
 
-    return Step(jitted, mesh, init_state, abstract_state, state_shardings, data_sharding)
+    def forward(params: nnx.State, batch: Batch) -> jax.Array:
+        with activate(mesh, rules):
+            return loss_of(params, batch, rngs)
+
+    made = Step(jitted, mesh, init_state, abstract_state, state_shardings, data_sharding)
+    made.forward = forward
+    return made
 
 
 def make_eval_step(

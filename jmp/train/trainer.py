@@ -33,7 +33,6 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,8 +48,10 @@ from jmp.rules import Rules, check_batch, preset
 from jmp.sharding import param_table, shard_init
 from jmp.train.checkpoint import Checkpointer, CheckpointError
 from jmp.train.data import local_rows
+from jmp.train.observe import RunLog
 from jmp.train.progress import ProgressBar, make_console, plot_losses, say
 from jmp.train.run_folder import RunFolder, check_new_run, move_aside
+from jmp.train.speed import Speedometer, device_peak
 from jmp.train.step import Batch, LossFn, TrainState, make_eval_step, make_step, merge_params
 
 
@@ -167,6 +168,8 @@ def fit(
     meta: dict[str, Any] | None = None,
     schedule: optax.Schedule | None = None,
     tokens_per_batch: int | None = None,
+    tensorboard: bool = False,
+    profile: tuple[int, int] | None = None,
 ) -> FitResult:
     """Train ``make_model(rngs)`` on ``mesh``; write metrics and checkpoints under ``out_dir``.
 
@@ -196,6 +199,16 @@ def fit(
             different ``meta["model"]`` than the checkpoint's is refused.
         schedule: the learning-rate schedule, to log ``lr``.
         tokens_per_batch: to log ``tokens_per_s``.
+        tensorboard: also write every metric as TensorBoard scalars in ``out_dir/tensorboard``.
+        profile: ``(START, END)``: a ``jax.profiler`` trace of those steps (1-based) in
+            ``out_dir/profile``.
+
+    Each row of ``history`` (and ``metrics.jsonl``) has the step's ``loss``, ``grad_norm``
+    (and ``lr``, ``val_loss``), and from the second step on the speed so far (compilation
+    and evaluation excluded): ``step_time_s``, ``tokens_per_s``, ``flops_per_s`` (model
+    FLOPs, :mod:`jmp.train.speed`), ``mfu`` where the devices' peak is known, and
+    ``memory_gib`` where the backend reports it. The loop dispatches step k+1 before it reads
+    step k's metrics, so the host prepares the next batch while the devices compute.
 
     Returns:
         A :class:`FitResult`: ``.model`` (trained, sharded), ``.history`` (one dict a step).
@@ -227,57 +240,66 @@ def fit(
     next_batch = _batch_source(batches, start)
     evaluate = _evaluator(eval_step, eval_batches, num_eval_batches, step_fn.batch_sharding)
     result = FitResult(model, state, history, resumed_from=start if resume else None)
-    metrics_file = (
-        open(os.path.join(out_dir, "metrics.jsonl"), "a")  # noqa: SIM115
-        if (out_dir and _is_main())
-        else None
-    )
-    t_start, timed_steps, eval_seconds, in_a_row = None, 0, 0.0, 0
+    log = RunLog(out_dir if _is_main() else None, tensorboard=tensorboard, profile=profile)
+    speed = Speedometer(None, tokens_per_batch, device_peak(list(mesh.devices.flat)))
+    in_a_row, pending = 0, None
+
+    def finish(k: int, metrics: dict[str, Any], with_state: bool) -> None:
+        """Read step k's metrics (it has run): guard, speed, evaluation, log, checkpoint."""
+        nonlocal in_a_row
+        row: dict[str, float] = {"step": k + 1, **{n: float(v) for n, v in metrics.items()}}
+        bad = next((m for m in ("loss", "grad_norm") if not math.isfinite(row[m])), None)
+        if bad:
+            in_a_row += 1
+            if not skip_nonfinite or in_a_row > max_consecutive_skips:
+                raise NonFiniteError(_nonfinite_message(bad, row, k + 1, ckpt, in_a_row))
+            result.skipped += 1
+            row["skipped"] = result.skipped
+        else:
+            in_a_row = 0
+        row.update(log.clock.lap(speed))
+        if with_state and evaluate and _evaluates(k, steps, eval_every):
+            with log.clock.paused():  # throughput is training only
+                row["val_loss"] = evaluate(state.params)
+        history.append(row)
+        log.write(row, state)
+        if with_state and ckpt and _checkpoints(k, checkpoint_every):
+            _check_finite_params(state, k + 1, ckpt)
+            ckpt.save(k + 1, state, meta=_checkpoint_meta(meta, k + 1))
+        advance(row)
+
     try:
         with ProgressBar(console, steps, start, enabled=_is_main()) as advance:
             for k in range(start, steps):
                 if ckpt:  # a save that failed in the background stops the run now
                     ckpt.check()
-                host = next_batch(k)
+                host = next_batch(k)  # prepared while the previous step runs on the devices
                 if k == start:  # a clear error before the compiler's: the batch must split
                     _check_batch(host, microbatches, mesh, rules)
-                batch = place_batch(host, step_fn.batch_sharding)
-                state, metrics = step_fn(state, batch)  # a non-finite update is not applied
-                row: dict[str, float] = {"step": k + 1, **{n: float(v) for n, v in metrics.items()}}
-                bad = next((m for m in ("loss", "grad_norm") if not math.isfinite(row[m])), None)
-                if bad:
-                    in_a_row += 1
-                    if not skip_nonfinite or in_a_row > max_consecutive_skips:
-                        raise NonFiniteError(_nonfinite_message(bad, row, k + 1, ckpt, in_a_row))
-                    result.skipped += 1
-                    row["skipped"] = result.skipped
+                    speed.flops_per_step = step_fn.model_flops(host)
+                    log.said_peak(console, speed)
+                log.before(k + 1)
+                state, metrics = step_fn(state, place_batch(host, step_fn.batch_sharding))
+                # Step k is dispatched; read step k-1's metrics now, one step late, so the host
+                # never waits for the devices between steps. Evaluation and checkpoints need
+                # this step's state: their steps are read at once.
+                if pending:
+                    finish(*pending, with_state=False)
+                pending = None
+                if (evaluate and _evaluates(k, steps, eval_every)) or (
+                    ckpt and _checkpoints(k, checkpoint_every)
+                ):
+                    finish(k, metrics, with_state=True)
                 else:
-                    in_a_row = 0
-                if t_start is None:  # the first step includes compilation: not timed
-                    t_start = time.perf_counter()
-                elif tokens_per_batch:
-                    timed_steps += 1
-                    elapsed = time.perf_counter() - t_start - eval_seconds
-                    row["tokens_per_s"] = tokens_per_batch * timed_steps / elapsed
-                if evaluate and ((eval_every and (k + 1) % eval_every == 0) or k + 1 == steps):
-                    t_eval = time.perf_counter()
-                    row["val_loss"] = evaluate(state.params)
-                    eval_seconds += time.perf_counter() - t_eval  # throughput is training only
-                history.append(row)
-                if metrics_file:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                if ckpt and checkpoint_every and (k + 1) % checkpoint_every == 0:
-                    _check_finite_params(state, k + 1, ckpt)
-                    ckpt.save(k + 1, state, meta=_checkpoint_meta(meta, k + 1))
-                advance(row)
+                    pending = (k, metrics)
+            if pending:
+                finish(*pending, with_state=False)
         if ckpt and steps > start and ckpt.latest_step() != steps:
             _check_finite_params(state, steps, ckpt)
             ckpt.save(steps, state, meta=_checkpoint_meta(meta, steps))
     finally:
         failing = sys.exc_info()[1] is not None
-        if metrics_file:
-            metrics_file.close()
+        log.close()
         if ckpt:
             try:
                 ckpt.wait()
@@ -291,6 +313,15 @@ def fit(
     if out_dir and _is_main():
         plot_losses(result.history, os.path.join(out_dir, "loss.png"))
     return result
+
+
+def _evaluates(k: int, steps: int, eval_every: int | None) -> bool:
+    """Whether step k (0-based) ends with an evaluation: every ``eval_every``, and the last."""
+    return bool(eval_every and (k + 1) % eval_every == 0) or k + 1 == steps
+
+
+def _checkpoints(k: int, every: int | None) -> bool:
+    return bool(every) and (k + 1) % every == 0
 
 
 def _kept(ckpt: Checkpointer | None) -> str:
