@@ -31,6 +31,10 @@ from jmp.errors import ConfigError, MeshError
 from jmp.rules import MeshAxes, Rules, axes_tuple, raise_problems, resolve
 
 _RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("jmp_rules", default=None)
+# The mesh's axis sizes while a model is built by jmp.shard_init (no jax mesh is set then).
+_BUILD_SHAPE: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
+    "jmp_build_shape", default=None
+)
 
 
 def activate(mesh: Mesh, rules: Rules, /) -> contextlib.AbstractContextManager[None]:
@@ -86,15 +90,33 @@ def _activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _RULES.reset(token)
 
 
+@contextlib.contextmanager
+def building(mesh: Mesh, rules: Rules, /) -> Iterator[None]:
+    """The rules and the mesh's axis sizes, current while a model is constructed.
+
+    :func:`jmp.shard_init` builds models inside it, so a constructor can ask
+    :func:`param_axis` how a dimension will be split (grouped-query attention replicates its
+    kv heads when the tensor axis does not divide them). No jax mesh is set: Flax would then
+    shard variables by its own rules.
+    """
+    rules_token, shape_token = _RULES.set(rules), _BUILD_SHAPE.set(dict(mesh.shape))
+    try:
+        yield
+    finally:
+        _RULES.reset(rules_token)
+        _BUILD_SHAPE.reset(shape_token)
+
+
 def current_rules() -> Rules | None:
     """The rules made current by :func:`activate`, or None."""
     return _RULES.get()
 
 
 def current_mesh_shape() -> dict[str, int]:
-    """Axis sizes of the mesh in context (empty when none is set)."""
+    """Axis sizes of the mesh in context, or of the one a model is being built for
+    (:func:`building`); empty when there is neither."""
     mesh = jax.sharding.get_abstract_mesh()
-    return {} if mesh.empty else dict(mesh.shape)
+    return dict(mesh.shape) if not mesh.empty else dict(_BUILD_SHAPE.get() or {})
 
 
 def param_axis(name: str | None, /) -> MeshAxes:

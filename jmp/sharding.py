@@ -25,6 +25,7 @@ from flax import linen as nn
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jmp.context import building
 from jmp.errors import ShardingError
 from jmp.rules import Rules, raise_problems, resolve
 from jmp.units import human_bytes
@@ -112,13 +113,14 @@ def _nnx_init(
 ) -> tuple[nnx.GraphDef, jax.stages.Wrapped]:
     # Flax's eager sharding would resolve names with its own (non-strict) rules: turn it off and
     # give every variable its sharding through jit's out_shardings instead.
-    with nnx.use_eager_sharding(False):
+    # built inside jmp.context.building: a constructor may ask how its dims will be split
+    with nnx.use_eager_sharding(False), building(mesh, rules):
         abstract = nnx.eval_shape(lambda: make_model(nnx.Rngs(seed)))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = named_shardings(abstract_state, rules, mesh)
 
     def init() -> nnx.State:
-        with nnx.use_eager_sharding(False):
+        with nnx.use_eager_sharding(False), building(mesh, rules):
             return nnx.split(make_model(nnx.Rngs(seed)))[1]
 
     return graphdef, jax.jit(init, out_shardings=shardings)

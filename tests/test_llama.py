@@ -304,13 +304,18 @@ def test_meshes_and_layouts_that_cannot_work_are_refused(make_mesh):
     assert "dimension 2 ('heads', size 4) is not divisible by mesh axis 'model' of size 8" in str(
         err.value
     )
-    # built without its mesh, the kv heads are named for splitting: refused, naming the fix
+    # built outside shard_init (nothing says how it will be split), the kv heads are named for
+    # splitting: on a model axis of 4 the 2 kv heads are refused, naming the fix
     mesh = make_mesh("data=2,model=4")
     rules = jmp.rules.preset("dp_tp", mesh)
+    unaware = nnx.eval_shape(lambda: Llama(CFG, rngs=nnx.Rngs(0)))
     with pytest.raises(jmp.ShardingError) as err:
-        jmp.shard_init(lambda r: Llama(CFG, rngs=r), mesh, rules)
+        jmp.sharding.partition_specs(unaware, rules, mesh)
     assert "('kv_heads', size 2) is not divisible by mesh axis 'model' of size 4" in str(err.value)
     assert "map 'kv_heads' to None" in str(err.value)
+    # shard_init builds it knowing the mesh: the kv heads are replicated, as with mesh=/rules=
+    built = jmp.shard_init(lambda r: Llama(CFG, rngs=r), mesh, rules)
+    assert built.blocks.attn.k.kernel.get_metadata()["out_sharding"][2] is None
     # 3 layers do not split into 2 pipeline stages
     with pytest.raises(jmp.ConfigError, match="n_layers=3 is not divisible by the 2 stages"):
         Llama(LlamaConfig.named("tiny", n_layers=3), rngs=nnx.Rngs(0), num_stages=2)

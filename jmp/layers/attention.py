@@ -34,6 +34,20 @@ from jmp.layers.rope import RopeScaling, apply_rope, rope_cos_sin
 from jmp.rules import Rules, axes_tuple
 
 
+def segment_mask(segment_ids: jax.Array | None, /) -> jax.Array | None:
+    """``(batch, 1, q, k)``: True where query and key tokens are in the same segment (document).
+
+    Example:
+        >>> segment_mask(jnp.array([[0, 0, 1]]))[0, 0].astype(int)
+        Array([[1, 1, 0],
+               [1, 1, 0],
+               [0, 0, 1]], dtype=int32)
+    """
+    if segment_ids is None:
+        return None
+    return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+
+
 class ParallelAttention(nnx.Module):
     """Multi-head attention with heads split over the tensor axis.
 
@@ -103,7 +117,9 @@ class ParallelAttention(nnx.Module):
             named_param(jnp.zeros((features,), param_dtype), ("embed",)) if use_bias else None
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+        """``x (batch, seq, features)``; with ``segment_ids (batch, seq)`` (packed documents) a
+        token attends only to earlier tokens of its own segment."""
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         axis = param_axis("heads")
@@ -112,7 +128,9 @@ class ParallelAttention(nnx.Module):
         )
         qkv = constrain(qkv, activation_names(qkv.ndim, None, "heads", "kv"))
         q, k, v = (qkv[..., i, :, :] for i in range(3))
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        o = jax.nn.dot_product_attention(
+            q, k, v, mask=segment_mask(segment_ids), is_causal=self.causal
+        )
         y = row_parallel_matmul(
             o, self.out[...].astype(dtype), n_contract=2, axis=axis, mode=self.mode
         )
@@ -314,9 +332,7 @@ class GroupedQueryAttention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         names = activation_names(q.ndim, "heads", "kv")
         q, k, v = constrain(q, names), constrain(k, names), constrain(v, names)
-        mask = None
-        if segment_ids is not None:
-            mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        mask = segment_mask(segment_ids)
         window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
         o = jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=True, local_window_size=window

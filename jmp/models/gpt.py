@@ -137,8 +137,8 @@ class Block(nnx.Module):
             cfg.d_model, cfg.hidden, mode=mode, dtype=dtype, param_dtype=pdtype, rngs=rngs
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.norm1(x))
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+        x = x + self.attn(self.norm1(x), segment_ids=segment_ids)
         return constrain(x + self.mlp(self.norm2(x)), ("batch", "seq", "embed"))
 
 
@@ -192,26 +192,42 @@ class GPT(nnx.Module):
             rngs=rngs,
         )
 
-    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        """Token plus position embeddings ``(batch, seq, d_model)``."""
+    def embed_tokens(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """Token plus position embeddings ``(batch, seq, d_model)``.
+
+        ``positions`` ``(batch, seq)`` (default ``0..seq-1``) restart per packed document.
+        """
         seq = tokens.shape[-1]
         if seq > self.cfg.seq_len:
             raise ConfigError(
                 f"sequence of {seq} tokens exceeds the model's seq_len={self.cfg.seq_len}."
             )
-        x = self.embed(tokens) + self.position[:seq].astype(jnp.dtype(self.cfg.dtype))
+        table = self.position[...].astype(jnp.dtype(self.cfg.dtype))
+        where = table[:seq] if positions is None else jnp.take(table, positions, axis=0)
+        x = self.embed(tokens) + where
         return constrain(x, ("batch", "seq", "embed"))
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final norm and head: ``(batch, seq, vocab)``, split over the vocabulary under tp."""
         return self.head(self.norm(x))
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Logits ``(batch, seq, vocab)`` (split over the vocabulary under tp)."""
-        x = self.embed_tokens(tokens)
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits ``(batch, seq, vocab)`` (split over the vocabulary under tp).
+
+        For packed documents (:mod:`jmp.train.data`'s batches): ``segment_ids`` ``(batch,
+        seq)``, so no token attends across a document boundary, and ``positions``, restarting
+        at 0 in each document.
+        """
+        x = self.embed_tokens(tokens, positions)
         for block in self.blocks:
             if self.cfg.remat:
-                x = nnx.remat(lambda b, h: b(h))(block, x)
+                x = nnx.remat(lambda b, h: b(h, segment_ids=segment_ids))(block, x)
             else:
-                x = block(x)
+                x = block(x, segment_ids=segment_ids)
         return self.logits(x)

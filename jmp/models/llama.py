@@ -21,7 +21,7 @@ q/k/v and gate/up projections).
 
 Example:
     >>> cfg = LlamaConfig.named("tiny")
-    >>> model = jmp.shard_init(lambda r: Llama(cfg, rngs=r, mesh=mesh, rules=rules), mesh, rules)
+    >>> model = jmp.shard_init(lambda r: Llama(cfg, rngs=r), mesh, rules)
     >>> model.blocks.attn.k.kernel.shape                # (layers, embed, kv_heads, kv)
     (2, 64, 2, 8)
     >>> with jmp.activate(mesh, rules):                 # model=4 > 2 kv heads: k/v replicated
@@ -293,7 +293,8 @@ class Llama(nnx.Module):
             ``(stage, layers, ...)``; ``n_layers`` divisible by it).
         mesh, rules: the mesh and rules the model will be sharded with, used only to decide
             whether the kv heads split over the tensor axis or are replicated
-            (:func:`jmp.layers.kv_heads_name`); default: those active, else split.
+            (:func:`jmp.layers.kv_heads_name`); default: those active (``jmp.shard_init``
+            builds the model with its mesh and rules active), else split.
 
     Example:
         >>> model = Llama(LlamaConfig.named("tiny"), rngs=nnx.Rngs(0))

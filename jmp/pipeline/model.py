@@ -77,6 +77,12 @@ class PipelinedGPT(GPT):
 
     def embed_inputs(self, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
         """The first stage's input: the embedded tokens of ``batch = (inputs, targets)``."""
+        if isinstance(batch, dict):
+            raise ConfigError(
+                "A pipelined GPT takes (inputs, targets) batches; packed batches (a dict with "
+                "segment_ids) are not supported under pp_* strategies: the stages pass one "
+                "activation, not the segments. Fix: use a strategy without pp, or unpacked text."
+            )
         return self.embed_tokens(batch[0])
 
     def head_loss(self, x: jax.Array, batch: tuple[jax.Array, jax.Array]) -> jax.Array:

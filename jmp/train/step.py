@@ -36,7 +36,7 @@ from jax.typing import ArrayLike
 from jmp.context import activate
 from jmp.errors import ConfigError
 from jmp.layers import Mode
-from jmp.losses import cross_entropy
+from jmp.losses import cross_entropy, token_losses
 from jmp.rules import Rules
 from jmp.rules import check_batch as check_batch  # re-exported: jmp.train.check_batch
 from jmp.sharding import named_shardings
@@ -129,12 +129,29 @@ Batch = Any
 LossFn = Callable[[nnx.Module, Batch], jax.Array]
 
 
+#: What a packed batch (:mod:`jmp.train.data`'s loader) gives the model besides the tokens.
+PACKING_KEYS = ("segment_ids", "positions")
+
+
 def next_token_loss(model: nnx.Module, batch: Batch, /) -> jax.Array:
-    """Mean cross-entropy of the model's logits against the targets (vocabulary-parallel)."""
-    inputs, targets = batch
+    """Mean cross-entropy of the model's logits against the targets (vocabulary-parallel).
+
+    ``batch`` is ``(inputs, targets)``, or a dict with ``inputs`` and ``targets`` and, for
+    packed documents, ``segment_ids`` and ``positions`` (passed to the model) and
+    ``loss_mask`` (1 for a token that counts: the mean is over those only, so padding and
+    each document's last token, which has no next token, do not count).
+    """
     # any model: the mode is read off a GPTConfig-like .cfg when it has one
     mode = cast(Mode, getattr(getattr(model, "cfg", None), "mode", "auto"))
-    return cross_entropy(model(inputs), targets, mode=mode)
+    if not isinstance(batch, dict):
+        inputs, targets = batch
+        return cross_entropy(model(inputs), targets, mode=mode)
+    extra = {k: batch[k] for k in PACKING_KEYS if k in batch}
+    losses = token_losses(model(batch["inputs"], **extra), batch["targets"], mode=mode)
+    if "loss_mask" not in batch:
+        return jnp.mean(losses)
+    mask = batch["loss_mask"].astype(losses.dtype)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 class Step:
