@@ -219,10 +219,10 @@ class MoE(nnx.Module):
         y, sums = self._routed(x, self.router[...], kernels)
         if self.shared is not None:
             y = y + self.shared(x)
-        n_pairs = math.prod(x.shape[:-1]) * self.top_k
-        load, mean_prob = sums["count"] / n_pairs, sums["prob"] / (n_pairs // self.top_k)
-        balance = self.n_experts * jnp.sum(load * mean_prob)
-        z = sums["z"] / (n_pairs // self.top_k)
+        n_tokens = math.prod(x.shape[:-1])  # over all devices: the sums are already joined
+        load = sums["count"] / (n_tokens * self.top_k)
+        balance = self.n_experts * jnp.sum(load * sums["prob"] / n_tokens)
+        z = sums["z"] / n_tokens
         loss = self.aux_loss_weight * balance + self.z_loss_weight * z
         aux = MoEAux(loss, balance, z, load, sums["dropped"])
         if hasattr(self, "__captures__"):  # inside nnx.capture (sowing outside it is deprecated)
