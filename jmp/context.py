@@ -139,7 +139,15 @@ def activation_spec(names: Sequence[str | None], /) -> PartitionSpec | None:
         return None
     spec, problems = resolve(names, rules.activations_dict)
     raise_problems(problems, what="activation")
+    manual = set(jax.sharding.get_abstract_mesh().manual_axes)
+    if manual:  # inside a shard_map those axes are already split: the spec names the others
+        spec = PartitionSpec(*(_without(entry, manual) for entry in spec))
     return spec
+
+
+def _without(entry: MeshAxes, manual: set[str]) -> MeshAxes:
+    kept = tuple(a for a in axes_tuple(entry) if a not in manual)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
 
 
 def constrain(x: jax.Array, names: Sequence[str | None], /) -> jax.Array:

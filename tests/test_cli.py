@@ -34,7 +34,7 @@ def test_train_then_generate(tmp_path):
         (["--strategy", "zero3"], "Unknown strategy 'zero3'"),
         (["--batch", "7"], "multiple of 2"),
         (["--model", "huge"], "Unknown model size 'huge'"),
-        (["--steps", "0"], "steps=0"),
+        (["--steps", "0"], "--steps: 0 is not a positive integer"),
         (["--data", "/nonexistent/*.txt"], "matches no file"),
         (
             [

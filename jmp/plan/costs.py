@@ -15,7 +15,9 @@ simulated CPU devices (``tests/test_plan.py``) for every strategy:
   sum of exponentials, target logit), and with remat one more per block (the attention output is
   recomputed; the MLP output is not needed by the backward pass, so XLA drops its recompute).
 - batch axis: one reduction of every gradient (whole over the batch axis, split over the tensor
-  axis) per microbatch -- XLA keeps it inside the accumulation loop -- and the loss's mean.
+  axis) and of the loss's mean: once per step when the batch axis splits no parameter (dp:
+  each device accumulates its microbatches' gradients first), once per microbatch under FSDP
+  (XLA keeps it inside the accumulation loop).
 - FSDP (``embed`` split over the batch axis): each split parameter is all-gathered once forward
   (outside the microbatch loop) and kept for the backward pass; norm scales are gathered again
   for the backward pass; with remat every block's kernels (and its norm scales, attention bias)
@@ -266,7 +268,11 @@ def _batch_comms(c: _Ctx) -> list[Comm]:
         return []
     data = _one_axis(c.batch_axes, "the batch split")
     n = c.mesh[data]
-    out: list[Comm] = [Comm("all-reduce", data, 4, c.micro, "mean loss over the batch split")]
+    # A batch axis that splits no parameter (dp) sums the microbatches' gradients on each
+    # device and reduces them once per step (jmp.train.step.reduce_once_axes); under FSDP the
+    # reductions stay in the accumulation loop, one per microbatch.
+    reductions = c.micro if any(data in lay.split_axes for lay in c.layouts) else 1
+    out: list[Comm] = [Comm("all-reduce", data, 4, reductions, "mean loss over the batch split")]
     for lay in c.layouts:
         arr, sharded = lay.array, data in lay.split_axes
         whole = math.prod(arr.shape) // lay.split(c.mesh, lay.split_axes - {data}) * c.pwire
@@ -305,7 +311,7 @@ def _batch_comms(c: _Ctx) -> list[Comm]:
                 )
             )
         else:
-            out.append(Comm("all-reduce", data, whole, c.micro, f"{where} gradient all-reduce"))
+            out.append(Comm("all-reduce", data, whole, reductions, f"{where} gradient all-reduce"))
     return out
 
 

@@ -18,7 +18,7 @@ Example:
     >>> est = estimate(GPTConfig.named("7b", dtype="bfloat16"), {"data": 8, "model": 8},
     ...                "fsdp_tp", batch_size=64, device="h100")
     >>> est.fits, est.comm_bytes["model"], f"{est.mfu:.0%}"
-    (True, 17448502544, '51%')
+    (True, 17448501896, '51%')
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def estimate(
     Example:
         >>> est = estimate(GPTConfig.named("tiny"), {"model": 8}, "tp", batch_size=8)
         >>> est.comm_bytes
-        {'model': 1316960}
+        {'model': 1316912}
     """
     seq = cfg.seq_len if seq_len is None else seq_len
     _check_inputs(cfg, strategy, mesh_shape, batch_size, seq, microbatches, optimizer, schedule)

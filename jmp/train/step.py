@@ -37,7 +37,7 @@ from jmp.context import activate
 from jmp.errors import ConfigError
 from jmp.layers import Mode
 from jmp.losses import cross_entropy, token_losses
-from jmp.rules import Rules
+from jmp.rules import Rules, axes_tuple
 from jmp.rules import check_batch as check_batch  # re-exported: jmp.train.check_batch
 from jmp.sharding import named_shardings
 from jmp.train.clipping import clip_by_global_norm
@@ -227,7 +227,8 @@ def fold_keys(keys: nnx.State, index: jax.Array | int, /) -> nnx.State:
 
     Example:
         >>> keys = nnx.state(nnx.Dropout(0.5, rngs=nnx.Rngs(0)), nnx.RngState)
-        >>> a, b = (jax.tree.leaves(fold_keys(keys, i))[0] for i in (1, 2))
+        >>> key_of = lambda state: nnx.split_state(state, nnx.RngKey, ...)[0]
+        >>> a, b = (jax.tree.leaves(key_of(fold_keys(keys, i)))[0] for i in (1, 2))
         >>> bool((jax.random.key_data(a) != jax.random.key_data(b)).any())
         True
     """
@@ -240,7 +241,13 @@ def fold_keys(keys: nnx.State, index: jax.Array | int, /) -> nnx.State:
 
 
 def _accumulate(
-    grad_fn: Callable, params: nnx.State, batch: Batch, microbatches: int, rngs: nnx.State
+    grad_fn: Callable,
+    params: nnx.State,
+    batch: Batch,
+    microbatches: int,
+    rngs: nnx.State,
+    *,
+    varying: tuple[str, ...] = (),
 ) -> tuple[jax.Array, nnx.State]:
     """Mean loss and gradients over ``microbatches`` slices of the batch (a ``lax.scan``)."""
     if microbatches == 1:
@@ -255,11 +262,64 @@ def _accumulate(
         loss, grads = grad_fn(params, rows, fold_keys(rngs, i))  # other draws per microbatch
         return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss, grads), _ = jax.lax.scan(
-        body, (jnp.zeros((), jnp.float32), zeros), (split, jnp.arange(microbatches))
-    )
+    loss_sum = jnp.zeros((), jnp.float32)
+    if varying:  # inside _accumulate_once's shard_map each device sums its own losses
+        loss_sum = jax.lax.pcast(loss_sum, varying, to="varying")
+    zeros = (loss_sum, jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(body, zeros, (split, jnp.arange(microbatches)))
     return loss / microbatches, jax.tree.map(lambda g: g / microbatches, grads)
+
+
+def reduce_once_axes(mesh: Mesh, rules: Rules, param_shardings: Any, /) -> tuple[str, ...]:
+    """The batch's mesh axes that split no parameter: pure data parallelism.
+
+    Over these, gradient accumulation can sum each device's gradients locally and reduce them
+    once per step (:func:`_accumulate_once`) instead of once per microbatch. Axes that also
+    split parameters (FSDP's) keep the reduction per microbatch: the parameters are gathered
+    per microbatch there anyway.
+    """
+    spec = rules.activation_spec(("batch",), mesh=mesh)
+    batch_axes = [a for a in axes_tuple(spec[0] if spec else None) if mesh.shape[a] > 1]
+    used = {
+        a
+        for sharding in jax.tree.leaves(param_shardings)
+        for entry in sharding.spec
+        for a in axes_tuple(entry)
+    }
+    return tuple(a for a in batch_axes if a not in used)
+
+
+def _accumulate_once(
+    grad_fn: Callable,
+    params: nnx.State,
+    batch: Batch,
+    microbatches: int,
+    rngs: nnx.State,
+    mesh: Mesh,
+    axes: tuple[str, ...],
+) -> tuple[jax.Array, nnx.State]:
+    """:func:`_accumulate`, manual over the pure data axes: one gradient mean per step.
+
+    Left to the partitioner, each microbatch's gradients are all-reduced over the data axes
+    inside the loop (m times the bytes). Here each device accumulates the gradients of its own
+    rows and one ``pmean`` joins them; other axes (the tensor axis) stay with the compiler.
+    Every device holds the same number of rows, so the mean of means is the global mean.
+    """
+
+    def local(params: nnx.State, rows: Batch, rngs: nnx.State) -> tuple[jax.Array, nnx.State]:
+        # differentiated as a per-device value: the gradient of a replicated (invariant) input
+        # would be psummed by shard_map's autodiff in every microbatch
+        params = jax.lax.pcast(params, axes, to="varying")
+        loss, grads = _accumulate(grad_fn, params, rows, microbatches, rngs, varying=axes)
+        return jax.lax.pmean(loss, axes), jax.lax.pmean(grads, axes)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(axes), P()),
+        out_specs=(P(), P()),
+        axis_names=set(axes),
+    )(params, batch, rngs)
 
 
 def make_step(
@@ -297,6 +357,13 @@ def make_step(
     # TrainState's pytree shape holding shardings, not arrays: the step's sharding is no Array
     state_shardings = TrainState(cast(Any, replicated), param_shardings, opt_shardings)
     data_sharding = batch_sharding(mesh, rules)
+    # accumulate locally, reduce once: only with microbatches, and not with random draws
+    # (inside the manual region every device would draw the same dropout mask)
+    once = (
+        reduce_once_axes(mesh, rules, param_shardings)
+        if microbatches > 1 and not jax.tree.leaves(rngs)
+        else ()
+    )
 
     def loss_of(params: nnx.State, batch: Batch, rngs: nnx.State) -> jax.Array:
         # fresh variables at this trace level: drawing a key advances its RngCount in place,
@@ -310,7 +377,12 @@ def make_step(
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         with activate(mesh, rules):
             rngs_now = fold_keys(rngs, state.step)
-            loss, grads = _accumulate(grad_fn, state.params, batch, microbatches, rngs_now)
+            if once:
+                loss, grads = _accumulate_once(
+                    grad_fn, state.params, batch, microbatches, rngs_now, mesh, once
+                )
+            else:
+                loss, grads = _accumulate(grad_fn, state.params, batch, microbatches, rngs_now)
             # one global norm for the metric, the guard and jmp's clipping (an extra argument
             # the other transformations ignore): each split array's norm is all-reduced once
             grad_norm = optax.tree.norm(grads)
