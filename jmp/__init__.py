@@ -24,7 +24,7 @@ from jmp.mesh import make_mesh
 from jmp.rules import Rules
 
 if TYPE_CHECKING:  # loaded lazily by __getattr__; imported here so type checkers see them
-    from jmp import inspect, layers, losses, models, pipeline, plan, sharding, train
+    from jmp import hf, inspect, layers, losses, models, pipeline, plan, sharding, train
     from jmp.models.llama import Llama, LlamaConfig
     from jmp.sharding import (
         ParamTable,
@@ -35,7 +35,17 @@ if TYPE_CHECKING:  # loaded lazily by __getattr__; imported here so type checker
     )
     from jmp.train.trainer import fit
 
-_LAZY_MODULES = ("inspect", "layers", "losses", "models", "pipeline", "plan", "sharding", "train")
+_LAZY_MODULES = (
+    "hf",
+    "inspect",
+    "layers",
+    "losses",
+    "models",
+    "pipeline",
+    "plan",
+    "sharding",
+    "train",
+)
 # name -> module that defines it; flax (which loads rich) is imported only when one is used
 _LAZY_NAMES = {
     **dict.fromkeys(
@@ -70,6 +80,7 @@ __all__ = [
     "activate",
     "constrain",
     "fit",
+    "hf",
     "inspect",
     "layers",
     "losses",

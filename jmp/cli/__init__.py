@@ -1,4 +1,4 @@
-"""The ``jmp`` command: train, generate, inspect, plan, launch; one module per command.
+"""The ``jmp`` command: train, generate, export, inspect, plan, launch, data; one module each.
 
 Every error a user can cause ends with one line on stderr and exit code 2, never a traceback.
 Importing this package is light: each command imports what it needs when it runs.
@@ -6,6 +6,8 @@ Importing this package is light: each command imports what it needs when it runs
 Example:
     $ jmp train --strategy dp_tp --mesh data=2,model=4 --steps 200
     $ jmp generate --run runs/latest --prompt "def "
+    $ jmp train --init hf:models/llama --steps 100 --out runs/llama
+    $ jmp export --run runs/llama --hf models/llama-trained
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from jmp.cli import data, generate, inspect, plan, train
+from jmp.cli import data, export, generate, inspect, plan, train
 from jmp.cli.common import CommandParser
 from jmp.runtime.launch import add_launch_parser, cmd_launch
 
@@ -29,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_parser(sub)
     add_launch_parser(sub)
     generate.add_parser(sub)
+    export.add_parser(sub)
     data.add_parser(sub)
     return parser
 
@@ -36,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "train": train.cmd_train,
     "generate": generate.cmd_generate,
+    "export": export.cmd_export,
     "inspect": inspect.cmd_inspect,
     "plan": plan.cmd_plan,
     "launch": cmd_launch,

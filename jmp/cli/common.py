@@ -25,6 +25,9 @@ from typing import Any, NoReturn
 
 from jmp import strategies
 
+#: The GPT size ``jmp train`` trains without --model.
+DEFAULT_MODEL = "small"
+
 # --- the parser ------------------------------------------------------------------------------
 
 
@@ -162,7 +165,9 @@ def mesh_text(text: str) -> str:
 # --- what train and inspect share ------------------------------------------------------------
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, *, model_default: str | None = "small") -> None:
+    """The strategy, mesh and model options; ``model_default=None`` for a command where
+    ``--model`` is one of two starts (``jmp train --init``), resolved by :func:`gpt_config`."""
     p.add_argument("--strategy", default="dp_tp", help=strategies.help_text())
     p.add_argument(
         "--mesh",
@@ -177,7 +182,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=8,
         help="CPU devices to simulate when no accelerator is present",
     )
-    p.add_argument("--model", default="small", help="tiny | small | medium | ...")
+    p.add_argument(
+        "--model",
+        default=model_default,
+        help="tiny | small | medium | ..."
+        if model_default
+        else f"GPT size: tiny | small | medium | ... (default: {DEFAULT_MODEL}; not with --init)",
+    )
     p.add_argument(
         "--seq", type=positive_int, default=None, help="sequence length (default per model)"
     )
@@ -237,18 +248,35 @@ def backend_error(platforms: str, err: BaseException) -> Exception:
 
 
 def setup(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
+    """Devices, mesh, rules and the GPT config the model options ask for."""
+    mesh, rules, mesh_text = setup_mesh(args)
+    return mesh, rules, gpt_config(args), mesh_text
+
+
+def setup_mesh(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """Start the devices; the mesh (``--mesh`` or the strategy's default) and its rules."""
     import jmp
-    from jmp.models import GPTConfig
 
     start_devices(args.devices)
     mesh_text = mesh_spec(args)
     mesh = jmp.make_mesh(mesh_text)
-    rules = jmp.rules.preset(args.strategy, mesh)
-    overrides = {"mode": args.mode, "dtype": args.dtype, "remat": args.remat}
-    if args.seq is not None:  # 0 is refused (GPTConfig), never read as "the default"
+    return mesh, jmp.rules.preset(args.strategy, mesh), mesh_text
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields ``--mode``, ``--remat`` and ``--seq`` set (GPT and Llama alike)."""
+    overrides: dict[str, Any] = {"mode": args.mode, "remat": args.remat}
+    if args.seq is not None:  # 0 is refused (the config), never read as "the default"
         overrides["seq_len"] = args.seq
-    cfg = GPTConfig.named(args.model, **overrides)
-    return mesh, rules, cfg, mesh_text
+    return overrides
+
+
+def gpt_config(args: argparse.Namespace) -> Any:
+    """The :class:`~jmp.models.GPTConfig` of ``--model`` (default small) and its options."""
+    from jmp.models import GPTConfig
+
+    name = args.model or DEFAULT_MODEL
+    return GPTConfig.named(name, dtype=args.dtype, **model_overrides(args))
 
 
 def fits(mesh_text: str, n: int) -> bool:

@@ -1,7 +1,8 @@
-"""``jmp train``: train a GPT on a device mesh (the main job).
+"""``jmp train``: train a GPT, or continue a Hugging Face model, on a device mesh.
 
 Example:
     $ jmp train --strategy dp_tp --mesh data=2,model=4 --steps 200
+    $ jmp train --init hf:models/llama --strategy fsdp_tp --mesh data=2,model=4 --seq 256
 """
 
 from __future__ import annotations
@@ -14,21 +15,33 @@ from typing import Any, cast
 
 from jmp import strategies
 from jmp.cli.common import (
+    DEFAULT_MODEL,
     add_model_args,
+    gpt_config,
     mesh_spec,
+    model_overrides,
     nonnegative_int,
     positive_float,
     positive_int,
     profile_window,
     seed_int,
-    setup,
+    setup_mesh,
 )
+from jmp.cli.hf_run import init_source
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add this command to the ``jmp`` command's subparsers."""
-    train = sub.add_parser("train", help="train a GPT on a device mesh")
-    add_model_args(train)
+    train = sub.add_parser("train", help="train a GPT, or continue a Hugging Face model")
+    add_model_args(train, model_default=None)
+    train.add_argument(
+        "--init",
+        type=init_source,
+        default=None,
+        metavar="hf:PATH",
+        help="continue training a local Hugging Face Llama/Mistral/Qwen2 folder (its weights, "
+        "config and tokenizer.json; bytes without one) instead of a new GPT (default: none)",
+    )
     train.add_argument("--steps", type=positive_int, default=600)
     train.add_argument("--batch", type=positive_int, default=16, help="global batch (sequences)")
     train.add_argument(
@@ -94,7 +107,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "(open it with Perfetto or TensorBoard's profile plugin)",
     )
     train.add_argument(
-        "--sample", type=nonnegative_int, default=200, help="bytes of text to sample at the end"
+        "--sample",
+        type=nonnegative_int,
+        default=200,
+        help="tokens of text to sample at the end (bytes for a GPT)",
     )
 
     return train
@@ -105,16 +121,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import jmp
     import jmp.runtime.distributed
+    from jmp.cli.hf_run import Start, token_data
     from jmp.models.generate import generate
-    from jmp.models.gpt import GPT
     from jmp.train import TrainConfig
     from jmp.train.data import TextData
     from jmp.train.loop import run_training
-    from jmp.train.run_folder import RunFolder, check_new_run, move_aside, write_config
+    from jmp.train.run_folder import (
+        RunFolder,
+        check_new_run,
+        check_resume,
+        move_aside,
+        write_config,
+    )
 
+    if args.init is not None and args.model is not None:
+        raise jmp.ConfigError(
+            f"--model {args.model} and --init hf:{args.init} are two starts; give one. Fix: "
+            f"--init to continue a Hugging Face model, --model for a new GPT."
+        )
     cluster = _start_distributed(args)
     main_process = cluster is None or cluster.is_main
-    mesh, rules, cfg, _ = setup(args)
+    mesh, rules, _ = setup_mesh(args)
+    start = None
+    if args.init is not None:
+        start = Start.read(args.init, dtype=args.dtype, **model_overrides(args))
+        start.check_vocab()
+    cfg = start.config if start else gpt_config(args)
     train_cfg = TrainConfig(
         steps=args.steps,
         batch_size=args.batch,
@@ -126,7 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
     out = jmp.runtime.distributed.same_on_all(out)  # the processes may start a second apart
     folder = RunFolder(out)
-    data = TextData.from_paths(args.data)
+    data = token_data(args.data, start.tokenizer) if start else TextData.from_paths(args.data)
     data.check(cfg.seq_len, cfg.vocab_size)
     digest = _check_same_data(data)
     shape = ",".join(f"{k}={v}" for k, v in mesh.shape.items())
@@ -140,13 +172,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         },
         "strategy": args.strategy,
         "mesh": shape,
+        **({"init": start.record()} if start else {}),
     }
     # Every check first: until they all pass, nothing in the run folder changes.
     notes: list[str] = []
     if args.resume:
-        notes = _check_resume(folder, config, args)
+        notes = check_resume(folder, config, extend=args.extend)
     else:
         check_new_run(folder, overwrite=args.overwrite)
+    # the weights last: a folder that does not load is refused before anything is written
+    model = start.load(mesh, rules) if start else None
     console = Console(width=None if sys.stdout.isatty() else 120, quiet=not main_process)
     if main_process:
         if args.overwrite and not args.resume and folder.holds_run():
@@ -155,11 +190,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     where = f"{mesh.devices.flat[0].platform}" + (
         f", {cluster.num_processes} processes" if cluster else ""
     )
+    what = f"hf:{start.path} ({start.architecture})" if start else args.model or DEFAULT_MODEL
     console.print(
         f"[bold]jmp train[/] strategy={args.strategy} mesh={shape} "
-        f"devices={mesh.size} ({where}) model={args.model} "
+        f"devices={mesh.size} ({where}) model={what} "
         f"({cfg.num_params():,} params) out={out}"
     )
+    if start and start.tokenizer.kind == "bytes":
+        notes.append(f"hf:{start.path} has no tokenizer.json: the text is read as bytes")
     for note in notes:
         console.print(note, markup=False, highlight=False)
     result = run_training(
@@ -168,6 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         mesh,
         rules,
         data,
+        start=model,
         out_dir=out,
         console=console,
         resume=args.resume,
@@ -175,101 +214,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         skip_nonfinite=args.skip_nonfinite,
         tensorboard=args.tensorboard,
         profile=args.profile,
-        meta={k: config[k] for k in ("strategy", "mesh", "data")},
+        meta={k: config[k] for k in ("strategy", "mesh", "data", "init") if k in config},
         schedule=args.schedule,
         show_params=True,  # from the model being trained: it is built once
     )
+    unit = "nats/token" if start and start.tokenizer.kind != "bytes" else "nats/byte"
     console.print(
         f"train loss {result.train_loss:.3f}  validation loss {result.val_loss:.3f} "
-        f"nats/byte  {result.tokens_per_s:,.0f} tokens/s"
+        f"{unit}  {result.tokens_per_s:,.0f} tokens/s"
         + (f"  skipped updates {result.skipped}" if result.skipped else "")
     )
     if args.sample:
         text = generate(
-            cast(GPT, result.model),  # run_training trains a GPT
+            cast(Any, result.model),  # the GPT or Llama run_training trained
             "def ",
             mesh=mesh,
             rules=rules,
             max_new_tokens=args.sample,
             temperature=0.7,
             seed=args.seed,
+            tokenizer=start.tokenizer if start else None,
         )
         console.print("[bold]sample[/] (temperature 0.7, prompt 'def '):")
         console.print(text, markup=False, highlight=False)
     if main_process:
         _link_latest(out)
     return 0
-
-
-def _stages(config: dict[str, Any]) -> int:
-    """The pipeline stage count of a run (1 without a pipeline): its parameter layout."""
-    from jmp.mesh import parse_mesh_spec
-
-    if not str(config["strategy"]).startswith("pp"):
-        return 1
-    return parse_mesh_spec(config["mesh"]).get("stage", 1)
-
-
-def _check_resume(folder: Any, config: dict[str, Any], args: argparse.Namespace) -> list[str]:
-    """Refuse a resume that would train another run than the one in ``folder``.
-
-    Returns what is allowed to change and does (a new mesh or strategy, extended steps), in
-    words, to print; raises naming every setting that may not change.
-    """
-    import jmp
-    from jmp.train.run_folder import RunFolderError, run_changes
-
-    if not os.path.isdir(folder.path):
-        raise jmp.JmpError(
-            f"--resume: run folder {folder.path!r} does not exist. Fix: pass the --out of an "
-            f"earlier run."
-        )
-    saved = folder.read_config()
-    if "data" not in saved:  # a run written before data fingerprints: its data is unknown
-        saved = {**saved, "data": config["data"]}
-    changes = run_changes(saved, config)
-    if changes:
-        raise RunFolderError(
-            f"--resume: these settings differ from the run in {folder.path!r}: "
-            f"{'; '.join(changes)}. Fix: pass the run's own settings (see its config.json), "
-            f"or start a new run with another --out."
-        )
-    notes = []
-    if _stages(saved) != _stages(config):
-        raise RunFolderError(
-            f"--resume: the run in {folder.path!r} was trained with {saved['strategy']} on "
-            f"{saved['mesh']} ({_stages(saved)} pipeline stage(s)), and its checkpoints hold "
-            f"the blocks in that layout; {args.strategy} on {config['mesh']} needs "
-            f"{_stages(config)}. Fix: resume with a strategy and mesh of "
-            f"{_stages(saved)} stage(s) (any data/model split), or start a new run."
-        )
-    if (saved["strategy"], saved["mesh"]) != (config["strategy"], config["mesh"]):
-        notes.append(
-            f"resharding the run from {saved['strategy']} on {saved['mesh']} onto "
-            f"{config['strategy']} on {config['mesh']}"
-        )
-    done = max(folder.checkpoint_steps(), default=None)
-    old_steps, new_steps = saved["train"]["steps"], config["train"]["steps"]
-    if done is not None and new_steps < done:
-        raise RunFolderError(
-            f"--resume: --steps {new_steps} is behind the run, whose latest checkpoint is at "
-            f"step {done}. Fix: --steps {old_steps} (the run's own), or more with --extend."
-        )
-    if new_steps != old_steps:
-        if not args.extend:
-            raise RunFolderError(
-                f"--resume: --steps {new_steps} differs from the run's {old_steps}, and the "
-                f"learning-rate schedule (warmup, then cosine decay over --steps) depends on "
-                f"it. Fix: --steps {old_steps}, or add --extend to continue with the new "
-                f"schedule."
-            )
-        notes.append(
-            f"--extend: training to {new_steps} steps instead of {old_steps}; the "
-            f"learning-rate schedule is recomputed for {new_steps} steps, so from step "
-            f"{(done or 0) + 1} on the run differs from one planned for {old_steps} (and from "
-            f"one planned for {new_steps} from the start)"
-        )
-    return notes
 
 
 def _start_distributed(args: argparse.Namespace) -> Any:

@@ -1,4 +1,10 @@
-"""jmp's GPT on byte text, trained by :func:`jmp.fit` (what ``jmp train`` runs).
+"""jmp's models on token text, trained by :func:`jmp.fit` (what ``jmp train`` runs).
+
+A GPT starts from a seeded initialization (:func:`build_model`); any other start, e.g. the
+sharded :class:`~jmp.models.Llama` of a Hugging Face folder (``jmp train --init hf:PATH``,
+:func:`jmp.hf.load`), is passed as ``start=`` and training continues from its values. Either
+way the batches are windows of ``data``'s token ids (bytes, or the ids of a tokenizer), batch k a
+pure function of (seed, k), and a ``stage`` mesh axis pipelines the blocks.
 
 Example:
     >>> result = run_training(GPTConfig.named("tiny"), TrainConfig(steps=3, eval_every=3),
@@ -11,9 +17,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from flax import nnx
 from jax.sharding import Mesh
 
+from jmp.errors import ConfigError
 from jmp.models.gpt import GPT, GPTConfig
+from jmp.models.llama import LlamaConfig
 from jmp.rules import Rules
 from jmp.sharding import shard_init
 from jmp.train.data import TextData
@@ -30,18 +39,20 @@ from jmp.train.trainer import FitResult, NonFiniteError, fit
 if TYPE_CHECKING:  # jmp.pipeline is imported only when a mesh has a 'stage' axis
     from jmp.pipeline import ScheduleName
 
-RunResult = FitResult  # the result of run_training: .model is a GPT (PipelinedGPT on 'stage')
+#: the result of run_training: .model is a GPT (PipelinedGPT on 'stage'), or the trained start
+RunResult = FitResult
 __all__ = ["NonFiniteError", "RunResult", "build_model", "plot_losses", "run_training"]
 
 
 def run_training(
-    model_cfg: GPTConfig,
+    model_cfg: GPTConfig | LlamaConfig,
     cfg: TrainConfig,
     mesh: Mesh,
     rules: Rules,
     data: TextData,
     /,
     *,
+    start: nnx.Module | None = None,
     out_dir: str | None = None,
     console: Any = None,
     resume: bool = False,
@@ -54,7 +65,12 @@ def run_training(
     tensorboard: bool = False,
     profile: tuple[int, int] | None = None,
 ) -> RunResult:
-    """Train a GPT; write ``metrics.jsonl``, ``loss.png`` and checkpoints under ``out_dir``.
+    """Train a GPT, or ``start``; write ``metrics.jsonl``, ``loss.png`` and checkpoints under
+    ``out_dir``.
+
+    ``start`` is a model already sharded on ``mesh`` whose values are the start (the
+    :class:`~jmp.models.Llama` of :func:`jmp.hf.load`, its blocks laid out for the mesh's
+    stages); ``model_cfg`` is then its config.
 
     With ``resume``, the latest checkpoint in ``out_dir`` is restored onto ``mesh`` (any mesh or
     strategy) and training continues from its step with the very batches it would have seen.
@@ -63,7 +79,7 @@ def run_training(
     """
     check_batch(cfg.batch_size, cfg.microbatches, mesh, rules)
     data.check(model_cfg.seq_len, model_cfg.vocab_size)
-    make_model, loss_fn, eval_loss_fn, microbatches = _gpt_parts(model_cfg, cfg, mesh, schedule)
+    make_model, loss_fn, eval_loss_fn, microbatches = _parts(model_cfg, cfg, mesh, schedule, start)
 
     def batch(k: int, split: str = "train") -> Any:
         return data.batch(
@@ -117,18 +133,28 @@ def build_model(model_cfg: GPTConfig, mesh: Mesh, rules: Rules, *, seed: int) ->
     )
 
 
-def _gpt_parts(
-    model_cfg: GPTConfig, cfg: TrainConfig, mesh: Mesh, schedule: ScheduleName
+def _parts(
+    model_cfg: Any, cfg: TrainConfig, mesh: Mesh, schedule: ScheduleName, start: Any
 ) -> tuple[Any, Any, Any, int]:
-    """Factory, train loss, eval loss and accumulation steps; 'stage' pipelines the blocks."""
+    """Factory (or start), train loss, eval loss and accumulation steps; 'stage' pipelines."""
     stages = mesh.shape.get("stage", 1)
+    if start is not None and getattr(start, "num_stages", 1) != stages:
+        raise ConfigError(
+            f"The start model's blocks are laid out for {start.num_stages} pipeline stage(s), "
+            f"but the mesh has stage={stages}. Fix: build it for this mesh (jmp.hf.load with "
+            f"the same mesh and rules)."
+        )
     if stages == 1:
-        return (lambda rngs: GPT(model_cfg, rngs=rngs)), next_token_loss, None, cfg.microbatches
+        make = start if start is not None else (lambda rngs: GPT(model_cfg, rngs=rngs))
+        return make, next_token_loss, None, cfg.microbatches
     from jmp.pipeline import PipelinedGPT, make_loss_fn
+
+    def make_pipelined(rngs: nnx.Rngs) -> PipelinedGPT:
+        return PipelinedGPT(model_cfg, num_stages=stages, rngs=rngs)
 
     # the pipeline splits the batch into cfg.microbatches itself: no accumulation around it
     return (
-        lambda rngs: PipelinedGPT(model_cfg, num_stages=stages, rngs=rngs),
+        start if start is not None else make_pipelined,
         make_loss_fn(mesh=mesh, num_microbatches=cfg.microbatches, schedule=schedule),
         make_loss_fn(mesh=mesh, num_microbatches=cfg.microbatches, schedule="gpipe"),
         1,

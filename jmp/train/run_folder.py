@@ -6,9 +6,10 @@ fingerprint of the data, strategy and mesh), ``metrics.jsonl``, ``loss.png`` and
 
 - a new run refuses a folder that already holds a run (:func:`check_new_run`); ``overwrite``
   moves the old run aside (:func:`move_aside`), it never deletes it;
-- a resumed run must define the same run (:func:`run_changes`): the same model, training
-  settings, data and pipeline layout; only the mesh and strategy may change (checkpoints
-  restore onto any mesh), and ``--steps`` only with an explicit ``--extend``;
+- a resumed run must define the same run (:func:`check_resume`, :func:`run_changes`): the
+  same model, start (``init``: the Hugging Face folder of ``jmp train --init hf:PATH``),
+  training settings, data and pipeline layout; only the mesh and strategy may change
+  (checkpoints restore onto any mesh), and ``--steps`` only with an explicit ``--extend``;
 - ``config.json`` is written atomically (:func:`write_config`), after all of that.
 
 Example:
@@ -165,3 +166,124 @@ def write_config(folder: RunFolder, config: dict[str, Any]) -> None:
     with open(tmp, "w") as f:
         json.dump(config, f, indent=2)
     os.replace(tmp, folder.config_path)
+
+
+def stages_of_run(config: dict[str, Any], /) -> int:
+    """The pipeline stage count of a run (1 without a pipeline): its parameters' layout.
+
+    Example:
+        >>> stages_of_run({"strategy": "pp_dp", "mesh": "stage=2,data=4"})
+        2
+    """
+    from jmp.mesh import parse_mesh_spec
+
+    if not str(config["strategy"]).startswith("pp"):
+        return 1
+    return parse_mesh_spec(config["mesh"]).get("stage", 1)
+
+
+def check_resume(
+    folder: RunFolder, config: dict[str, Any], /, *, extend: bool = False
+) -> list[str]:
+    """Refuse a resume that would train another run than the one in ``folder``.
+
+    Args:
+        folder: the run's folder.
+        config: the ``config.json`` the resuming command would write.
+        extend: a ``steps`` other than the run's is accepted (``--extend``).
+
+    Returns:
+        What is allowed to change and does (a new mesh or strategy, extended steps), in words,
+        to print. Raises :class:`RunFolderError` naming every setting that may not change.
+    """
+    if not os.path.isdir(folder.path):
+        raise RunFolderError(
+            f"--resume: run folder {folder.path!r} does not exist. Fix: pass the --out of an "
+            f"earlier run."
+        )
+    saved = folder.read_config()
+    if "data" not in saved:  # a run written before data fingerprints: its data is unknown
+        saved = {**saved, "data": config["data"]}
+    _check_same_start(folder, saved.get("init"), config.get("init"))
+    changes = run_changes(saved, config)
+    if changes:
+        raise RunFolderError(
+            f"--resume: these settings differ from the run in {folder.path!r}: "
+            f"{'; '.join(changes)}. Fix: pass the run's own settings (see its config.json), "
+            f"or start a new run with another --out."
+        )
+    return [*_check_layout(folder, saved, config), *_check_steps(folder, saved, config, extend)]
+
+
+def _check_same_start(folder: RunFolder, old: Any, new: Any) -> None:
+    """The run's start: jmp's seeded GPT (no ``init``) or one Hugging Face folder, unchanged."""
+    if old == new:
+        return
+    where = f"--resume: the run in {folder.path!r}"
+    if old is None:
+        raise RunFolderError(
+            f"{where} trained jmp's GPT from a seeded start, not a Hugging Face folder. Fix: "
+            f"resume it without --init (with its own --model), or start a new run."
+        )
+    if new is None:
+        raise RunFolderError(
+            f"{where} was started with --init hf:{old['path']}. Fix: pass --init "
+            f"hf:{old['path']} again (not --model)."
+        )
+    if old["path"] != new["path"]:
+        raise RunFolderError(
+            f"{where} was started from hf:{old['path']}, not hf:{new['path']}. Fix: --init "
+            f"hf:{old['path']}, or start a new run with another --out."
+        )
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    raise RunFolderError(
+        f"{where} was started from hf:{old['path']}, which has changed since ({', '.join(changed)} "
+        f"differ). Fix: restore the folder as it was, or start a new run with another --out."
+    )
+
+
+def _check_layout(folder: RunFolder, saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """The pipeline layout must stay (checkpoints hold it); the mesh and strategy may change."""
+    before, now = stages_of_run(saved), stages_of_run(config)
+    if before != now:
+        raise RunFolderError(
+            f"--resume: the run in {folder.path!r} was trained with {saved['strategy']} on "
+            f"{saved['mesh']} ({before} pipeline stage(s)), and its checkpoints hold the "
+            f"blocks in that layout; {config['strategy']} on {config['mesh']} needs {now}. "
+            f"Fix: resume with a strategy and mesh of {before} stage(s) (any data/model "
+            f"split), or start a new run."
+        )
+    if (saved["strategy"], saved["mesh"]) == (config["strategy"], config["mesh"]):
+        return []
+    return [
+        f"resharding the run from {saved['strategy']} on {saved['mesh']} onto "
+        f"{config['strategy']} on {config['mesh']}"
+    ]
+
+
+def _check_steps(
+    folder: RunFolder, saved: dict[str, Any], config: dict[str, Any], extend: bool
+) -> list[str]:
+    """``steps`` may grow only with ``extend`` (the schedule depends on it), never shrink."""
+    done = max(folder.checkpoint_steps(), default=None)
+    old_steps, new_steps = saved["train"]["steps"], config["train"]["steps"]
+    if done is not None and new_steps < done:
+        raise RunFolderError(
+            f"--resume: --steps {new_steps} is behind the run, whose latest checkpoint is at "
+            f"step {done}. Fix: --steps {old_steps} (the run's own), or more with --extend."
+        )
+    if new_steps == old_steps:
+        return []
+    if not extend:
+        raise RunFolderError(
+            f"--resume: --steps {new_steps} differs from the run's {old_steps}, and the "
+            f"learning-rate schedule (warmup, then cosine decay over --steps) depends on "
+            f"it. Fix: --steps {old_steps}, or add --extend to continue with the new "
+            f"schedule."
+        )
+    return [
+        f"--extend: training to {new_steps} steps instead of {old_steps}; the "
+        f"learning-rate schedule is recomputed for {new_steps} steps, so from step "
+        f"{(done or 0) + 1} on the run differs from one planned for {old_steps} (and from "
+        f"one planned for {new_steps} from the start)"
+    ]

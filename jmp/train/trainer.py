@@ -141,7 +141,7 @@ def _resolve_rules(mesh: Mesh, strategy: str | None, rules: Rules | None) -> Rul
 
 
 def fit(
-    make_model: Callable[[nnx.Rngs], nnx.Module],
+    make_model: Callable[[nnx.Rngs], nnx.Module] | nnx.Module,
     loss_fn: LossFn,
     batches: Batches,
     /,
@@ -174,7 +174,10 @@ def fit(
     """Train ``make_model(rngs)`` on ``mesh``; write metrics and checkpoints under ``out_dir``.
 
     Args:
-        make_model: ``rngs -> nnx.Module``; every parameter carries logical axis names.
+        make_model: ``rngs -> nnx.Module``; every parameter carries logical axis names. Or
+            a module already built and sharded on ``mesh`` (:func:`jmp.shard_init`,
+            :func:`jmp.hf.load`): training starts from its parameter values (a fresh run;
+            ``resume`` still restores the checkpoint), and ``seed`` builds nothing.
         loss_fn: ``(model, batch) -> scalar`` loss.
         batches: ``step -> batch`` (batch k the same on every run: resume is exact), or an
             iterable of batches (for an exact resume it must yield the same sequence each
@@ -227,7 +230,12 @@ def fit(
         if overwrite and _is_main() and folder.holds_run(FIT_FILES):
             moved = move_aside(folder)
             say(console, f"moved the run in {folder.path} aside to {moved}")
-    model = shard_init(make_model, mesh, rules, seed=seed)
+    # a module is the start itself (e.g. loaded weights); a factory is initialized sharded
+    model = (
+        make_model
+        if isinstance(make_model, nnx.Module)
+        else shard_init(make_model, mesh, rules, seed=seed)
+    )
     step_fn = make_step(
         model, optimizer, mesh, rules, microbatches=microbatches, loss_fn=loss_fn, schedule=schedule
     )
