@@ -87,7 +87,7 @@ def test_roofline_follows_the_estimate_convention():
     c = by_key("fsdp_tp", "data=4,model=2")
     dev = jmp.plan.get_device("h100")
     assert c.device == dev
-    assert c.compute_time == c.flops / dev.peak_flops
+    assert c.compute_time == c.flops / (dev.peak_flops * dev.matmul_efficiency)
     sizes = {"data": 4, "model": 2}
     ring = {"all-reduce": lambda n: 2 * (n - 1) / n, "collective-permute": lambda n: 1.0}
     sent = sum(
@@ -95,8 +95,8 @@ def test_roofline_follows_the_estimate_convention():
         * ring.get(x.kind, lambda n: (n - 1) / n)(int(np.prod([sizes[a] for a in x.axes])))
         for x in c.collectives
     )
-    assert np.isclose(c.comm_time, sent / dev.link_bandwidth)
-    assert np.isclose(c.mfu, c.compute_time / c.step_time)
+    assert np.isclose(c.comm_time, sent / (dev.link_bandwidth * dev.link_efficiency))
+    assert np.isclose(c.mfu, c.flops / (c.step_time * dev.peak_flops))
 
 
 def test_nothing_is_allocated():

@@ -94,6 +94,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"{dtype} compute) devices={args.devices}x{device.name} batch={batch}x"
         f"{cfg.seq_len}"
     )
+    console.print(f"step times {device.assumptions()}", highlight=False)
     if not ranked:
         console.print(
             "No strategy fits in memory. Try --remat, more --devices, a smaller "

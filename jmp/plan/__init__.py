@@ -23,7 +23,7 @@ Example:
     >>> est = jmp.plan.estimate(GPTConfig.named("7b"), {"data": 8, "model": 8}, "fsdp_tp",
     ...                         batch_size=64, device="h100")
     >>> est.fits, est.comm_bytes["model"], f"{est.mfu:.0%}"
-    (False, 34896806536, '37%')
+    (False, 34896806536, '25%')
     >>> ranked = jmp.plan.search(GPTConfig.named("7b"), 64, "h100", batch_size=256)
     >>> table = jmp.plan.format_table(ranked[:5])      # rich.print(table)
 """

@@ -77,8 +77,9 @@ class Candidate:
     collective over several axes is keyed by their names joined with ``,``); ``memory_bytes``
     is arguments + temporaries + outputs not aliased to the donated state (everything live at
     once: at least the peak); ``flops`` is XLA's count. Times are seconds: ``step_time =
-    compute_time + comm_time`` (nothing overlaps, as in :func:`jmp.plan.estimate`), and ``mfu``
-    is ``compute_time / step_time``: XLA counts every FLOP the program runs, so it is an upper
+    compute_time + comm_time`` at the device's assumed efficiencies and nothing
+    overlapping, as in :func:`jmp.plan.estimate`, and ``mfu`` is ``flops / (step_time *
+    peak)``: XLA counts every FLOP the program runs (recomputation too), so it is an upper
     bound. A rejected candidate has ``rejected=True``, zero costs and jmp's message as
     ``reason``.
     """
@@ -224,11 +225,11 @@ def _measure(strategy: str, mesh: Mesh, dev: Device, compiled: Any) -> Candidate
     for c in found:
         comm_bytes[",".join(c.axes)] += c.total_bytes
         comm_time += c.total_bytes * _ring_factor(c.kind, math.prod(sizes[a] for a in c.axes))
-    comm_time /= dev.link_bandwidth
+    comm_time /= dev.achieved_bandwidth
     mem = memory(compiled)
     total = mem.arguments + mem.temporaries + mem.outputs - mem.aliased
     per_device = flops(compiled)
-    compute_time = per_device / dev.peak_flops
+    compute_time = per_device / dev.achieved_flops
     step_time = compute_time + comm_time
     fits = total <= dev.usable_bytes
     text = format_mesh_shape(sizes)
@@ -249,7 +250,7 @@ def _measure(strategy: str, mesh: Mesh, dev: Device, compiled: Any) -> Candidate
         compute_time=compute_time,
         comm_time=comm_time,
         step_time=step_time,
-        mfu=compute_time / step_time if step_time else 0.0,
+        mfu=per_device / (step_time * dev.peak_flops) if step_time else 0.0,
         fits=fits,
         reason=reason,
         memory=mem,

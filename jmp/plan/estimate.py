@@ -10,15 +10,17 @@ terms of :mod:`jmp.plan.costs` (or :mod:`jmp.plan.pipeline_costs` for ``pp*``) i
 What depends on the backend comes from :class:`~jmp.plan.hardware.Device` (``platform``): GPUs
 reduce-scatter FSDP gradients, CPUs all-reduce them and send 16-bit values as float32.
 
-Time is a roofline, not a simulation: compute runs at the device's peak FLOP/s (so MFU is an
-upper bound), each collective moves its ring volume at ``link_bandwidth`` (one figure for every
-axis: an axis that crosses nodes is slower in reality), and nothing overlaps.
+Time is a roofline, not a simulation: compute runs at a stated share of the device's peak
+FLOP/s (``Device.matmul_efficiency``, 60% by default), each collective moves its ring volume at
+a share of ``link_bandwidth`` (``link_efficiency``, 75%; one figure for every axis: an axis that
+crosses nodes is slower in reality), and nothing overlaps (:meth:`Device.assumptions` says it in
+words). MFU is model FLOPs over the raw peak, as published MFUs are.
 
 Example:
     >>> est = estimate(GPTConfig.named("7b", dtype="bfloat16"), {"data": 8, "model": 8},
     ...                "fsdp_tp", batch_size=64, device="h100")
     >>> est.fits, est.comm_bytes["model"], f"{est.mfu:.0%}"
-    (True, 17448501896, '51%')
+    (True, 17448501896, '34%')
 """
 
 from __future__ import annotations
@@ -57,10 +59,20 @@ from jmp.plan.pipeline_costs import (
 from jmp.rules import check_batch, preset
 from jmp.units import human_bytes
 
-#: The strategies the cost model covers: every one of the registry (:mod:`jmp.strategies`) but
-#: FSDP inside pipeline stages, which has no cost terms yet. The pipeline ones (``pp*``) stack
-#: the blocks over ``'stage'`` (``jmp.pipeline``) and run the rest within a stage.
-STRATEGIES = tuple(s for s in strategies.names() if s not in ("pp_fsdp", "pp_fsdp_tp"))
+#: The kinds the cost terms model; a strategy with any other kind of the registry (context,
+#: sequence, expert parallelism) is not estimated (use :func:`jmp.plan.compare`, which reads
+#: the compiled program) rather than estimated wrongly.
+MODELLED_KINDS = ("dp", "fsdp", "tp", "pp")
+#: The strategies the cost model covers: those of the registry (:mod:`jmp.strategies`) made of
+#: modelled kinds, but FSDP inside pipeline stages, which has no cost terms yet. The pipeline
+#: ones (``pp*``) stack the blocks over ``'stage'`` (``jmp.pipeline``) and run the rest within
+#: a stage.
+STRATEGIES = tuple(
+    s
+    for s in strategies.names()
+    if s not in ("pp_fsdp", "pp_fsdp_tp")
+    and all(k.name in MODELLED_KINDS for k in strategies.parse(s).kinds)
+)
 _NEEDS = {s: strategies.axes(s) for s in STRATEGIES}  # strategy -> the mesh axes it splits
 PIPELINE_SCHEDULES = strategies.PIPELINE_SCHEDULES
 
@@ -256,9 +268,9 @@ def estimate(
     n_dev = math.prod(sizes.values())
     # the bubble: a stage works M of its M + S - 1 ticks (forward and backward alike)
     bubble = (S - 1) / (microbatches + S - 1) if pipe else 0.0
-    compute_time = executed / n_dev / dev.peak_flops / (1 - bubble)
+    compute_time = executed / n_dev / dev.achieved_flops / (1 - bubble)
     comm_time = sum(c.total_bytes * _ring_factor(c.kind, sizes[c.axis]) for c in comm)
-    comm_time /= dev.link_bandwidth
+    comm_time /= dev.achieved_bandwidth
     step_time = compute_time + comm_time
     mfu = model_flops / n_dev / (step_time * dev.peak_flops) if step_time else 0.0
     fits = total <= dev.usable_bytes

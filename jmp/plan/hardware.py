@@ -32,6 +32,12 @@ class Device:
         memory_fraction: the share of memory a plan may use. JAX preallocates 75% of a GPU by
             default (``XLA_PYTHON_CLIENT_MEM_FRACTION``); set that variable and this field
             together to plan closer to the limit.
+        matmul_efficiency: the share of ``peak_flops`` the step's compute is assumed to reach
+            (large bf16 GEMMs reach 70-80% of the dense peak on H100s; the rest of a step,
+            attention, norms and the optimizer, brings a whole step lower: the best published
+            MFUs are 40-55%). Not calibrated against a run of jmp's: no GPU run exists yet.
+        link_efficiency: the share of ``link_bandwidth`` a collective is assumed to reach (NCCL
+            reaches about 75-80% of NVLink's per-direction bandwidth in its bus bandwidth).
     """
 
     name: str
@@ -40,10 +46,31 @@ class Device:
     link_bandwidth: float
     platform: str = "gpu"
     memory_fraction: float = 0.75
+    matmul_efficiency: float = 0.6
+    link_efficiency: float = 0.75
 
     @property
     def usable_bytes(self) -> int:
         return int(self.memory_bytes * self.memory_fraction)
+
+    @property
+    def achieved_flops(self) -> float:
+        """FLOP/s the planner assumes a step reaches: ``peak_flops * matmul_efficiency``."""
+        return self.peak_flops * self.matmul_efficiency
+
+    @property
+    def achieved_bandwidth(self) -> float:
+        """Bytes/s the planner assumes a collective reaches."""
+        return self.link_bandwidth * self.link_efficiency
+
+    def assumptions(self) -> str:
+        """The efficiency assumptions, in words (``jmp plan`` prints them)."""
+        return (
+            f"assumes {self.matmul_efficiency:.0%} of {self.name}'s peak "
+            f"{self.peak_flops / 1e12:g} TFLOP/s for compute and {self.link_efficiency:.0%} of "
+            f"its {self.link_bandwidth / 1e9:g} GB/s link bandwidth for collectives "
+            f"(not calibrated by a measured run); nothing overlaps"
+        )
 
     def __post_init__(self) -> None:
         bad = [
@@ -51,8 +78,9 @@ class Device:
             for n in ("peak_flops", "memory_bytes", "link_bandwidth")
             if getattr(self, n) <= 0
         ]
-        if not 0 < self.memory_fraction <= 1:
-            bad.append(f"memory_fraction={self.memory_fraction!r} (use a value in (0, 1])")
+        for name in ("memory_fraction", "matmul_efficiency", "link_efficiency"):
+            if not 0 < getattr(self, name) <= 1:
+                bad.append(f"{name}={getattr(self, name)!r} (use a value in (0, 1])")
         if self.platform not in ("gpu", "cpu"):
             bad.append(f"platform={self.platform!r} (use 'gpu' or 'cpu')")
         if bad:
