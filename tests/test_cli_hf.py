@@ -134,6 +134,7 @@ def test_first_loss_equals_transformers_cross_entropy(hf, name):
     assert len(init["config_sha256"]) == 64
     kind = "tokenizer.json" if name == "llama" else "bytes"
     assert init["tokenizer"]["kind"] == kind
+    assert ("tokens" if name == "llama" else "bytes") in config["data"]
     assert config["model"]["seq_len"] == SEQ and config["model"]["param_dtype"] == "float32"
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["2", "3"]
 
@@ -295,6 +296,9 @@ def test_train_refusals(hf, tmp_path):
     _one_line_error(
         _main("train", "--init", f"hf:{small}", "--out", new), "no tokenizer.json", "vocab_size=128"
     )
+    # a mesh the model cannot take: 4 pipeline stages for 2 layers (the weights are not read)
+    bad_mesh = _train_args(folder, new, hf["data"], "pp_dp", "stage=4,data=2")
+    _one_line_error(_main(*bad_mesh), "4 stages exceed n_layers=2")
     assert not os.path.exists(new)
     before = {f: open(os.path.join(run, f), "rb").read() for f in ("config.json", "metrics.jsonl")}
     other = str(tmp_path / "same_weights_elsewhere")

@@ -30,9 +30,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add this command to the ``jmp`` command's subparsers."""
     gen = sub.add_parser("generate", help="sample text from a trained run or a Hugging Face folder")
     source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="run folder written by jmp train")
+    source.add_argument("--run", help="run folder written by jmp train (no default: --run or --hf)")
     source.add_argument(
-        "--hf", metavar="PATH", help="a local Hugging Face Llama/Mistral/Qwen2 folder"
+        "--hf",
+        metavar="PATH",
+        help="a local Hugging Face Llama/Mistral/Qwen2 folder (no default: --run or --hf)",
     )
     gen.add_argument(
         "--prompt",
@@ -41,7 +43,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "passed through as they are",
     )
     gen.add_argument(
-        "--tokens", type=nonnegative_int, default=200, help="tokens to generate (bytes: bytes)"
+        "--tokens",
+        type=nonnegative_int,
+        default=200,
+        help="tokens to generate (a byte model's are bytes)",
     )
     gen.add_argument(
         "--temperature",

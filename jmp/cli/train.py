@@ -162,13 +162,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     data.check(cfg.seq_len, cfg.vocab_size)
     digest = _check_same_data(data)
     shape = ",".join(f"{k}={v}" for k, v in mesh.shape.items())
+    unit = "tokens" if start and start.tokenizer.kind != "bytes" else "bytes"  # the data's ids
     config = {
         "model": cfg.to_dict(),
         "train": train_cfg.to_dict(),
         "data": {
             "sha256": digest,
             "paths": args.data,
-            "bytes": int(data.train.size + data.val.size),
+            unit: int(data.train.size + data.val.size),
         },
         "strategy": args.strategy,
         "mesh": shape,
@@ -218,10 +219,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         show_params=True,  # from the model being trained: it is built once
     )
-    unit = "nats/token" if start and start.tokenizer.kind != "bytes" else "nats/byte"
     console.print(
         f"train loss {result.train_loss:.3f}  validation loss {result.val_loss:.3f} "
-        f"{unit}  {result.tokens_per_s:,.0f} tokens/s"
+        f"nats/{unit[:-1]}  {result.tokens_per_s:,.0f} tokens/s"
         + (f"  skipped updates {result.skipped}" if result.skipped else "")
     )
     if args.sample:
