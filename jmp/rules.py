@@ -285,6 +285,7 @@ def preset(strategy: str, mesh: Mesh | AbstractMesh, /) -> Rules:
     ``fsdp``          ``embed`` dim over ``data``     batch over ``data``
     ``tp``            mlp/heads/vocab over ``model``  mlp/heads/vocab over ``model``
     ``pp``            ``stage`` dim over ``stage``    ``stage`` over ``stage``
+    ``cp``            replicated                      ``seq`` over ``context``
     ================  ==============================  =================================
 
     Raises:

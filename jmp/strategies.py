@@ -66,6 +66,7 @@ class Kind:
             the last kind of a strategy always takes the rest of the devices (``-1``).
         description: one line for help texts and error messages.
         requires: kinds that must be present in the same strategy.
+        excludes: kinds that cannot be in the same strategy.
     """
 
     name: str
@@ -75,6 +76,7 @@ class Kind:
     default_size: int = 2
     description: str = ""
     requires: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
 
 
 # 'kv_heads' (grouped-query attention's key/value heads) splits like 'heads'; a model whose kv
@@ -110,6 +112,16 @@ KINDS: tuple[Kind, ...] = (
         params=_TENSOR,
         activations=_TENSOR,
         description="tensor parallel (Megatron): mlp, heads and vocab dims over 'model'",
+    ),
+    Kind(
+        "cp",
+        "context",
+        activations={"seq": "context"},
+        description="context parallel: the sequence of every activation over 'context' "
+        "(ring or all-gather attention, exact)",
+        # the pipeline passes whole-sequence activations between stages through its own
+        # shard_map; context parallelism runs the model in a region of its own
+        excludes=("pp",),
     ),
 )
 KINDS_BY_NAME: Mapping[str, Kind] = MappingProxyType({k.name: k for k in KINDS})
@@ -169,6 +181,9 @@ def _problems(parts: list[str]) -> list[str]:
         for k in kinds
         for r in k.requires
         if r not in parts
+    ]
+    problems += [
+        f"{k.name} does not compose with {x}" for k in kinds for x in k.excludes if x in parts
     ]
     order = [KINDS.index(k) for k in kinds]
     if not problems and order != sorted(order):

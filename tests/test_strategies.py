@@ -9,7 +9,7 @@ import jmp
 from jmp import strategies
 from jmp.cli import _parser
 
-# Written out by hand, independently of the registry: what the kinds dp, fsdp, tp, pp compose to
+# Written out by hand, independently of the registry: what the kinds dp, fsdp, tp, pp, cp compose to
 EXPECTED = {
     "dp": ("data",),
     "fsdp": ("data",),
@@ -22,6 +22,13 @@ EXPECTED = {
     "pp_tp": ("stage", "model"),
     "pp_dp_tp": ("stage", "data", "model"),
     "pp_fsdp_tp": ("stage", "data", "model"),
+    # context parallel (cp): the sequence over 'context'; not inside pipelines
+    "cp": ("context",),
+    "dp_cp": ("data", "context"),
+    "fsdp_cp": ("data", "context"),
+    "tp_cp": ("model", "context"),
+    "dp_tp_cp": ("data", "model", "context"),
+    "fsdp_tp_cp": ("data", "model", "context"),
 }
 
 
@@ -37,6 +44,8 @@ def test_names_are_the_compositions():
         ("dp_fsdp", "both use mesh axis 'data'"),
         ("tp_dp", "write 'dp_tp'"),
         ("tp_tp", "appears twice"),
+        ("pp_dp_cp", "cp does not compose with pp"),
+        ("cp_dp", "write 'dp_cp'"),
         ("zero3", "unknown kind"),
         ("", "unknown kind"),
     ],
@@ -46,7 +55,7 @@ def test_invalid_compositions_are_one_clear_error(name, why):
         strategies.parse(name)
     msg = str(err.value)
     assert why in msg and "\n" not in msg
-    assert "Known: dp, fsdp, tp, dp_tp" in msg  # lists what is allowed
+    assert "Known: dp, fsdp, tp, cp, dp_tp" in msg  # lists what is allowed
 
 
 def _choices_of_cli():
@@ -70,7 +79,9 @@ def test_cli_preset_and_planner_read_the_registry(make_mesh):
     assert set(_choices_of_cli()) == names
     assert set(jmp.rules.STRATEGIES) == names
     # the planner covers the registry except FSDP inside pipeline stages (stated in its docs)
-    assert set(jmp.plan.STRATEGIES) == names - {"pp_fsdp", "pp_fsdp_tp"}
+    # and context parallelism (no cost terms yet: jmp.plan.compare reads compiled programs)
+    modelled = {n for n in names if "cp" not in n.split("_")}
+    assert set(jmp.plan.STRATEGIES) == modelled - {"pp_fsdp", "pp_fsdp_tp"}
     for name in names:
         mesh = make_mesh(strategies.default_mesh(name))
         rules = jmp.rules.preset(name, mesh)
@@ -80,6 +91,7 @@ def test_cli_preset_and_planner_read_the_registry(make_mesh):
         assert (rules.activations_dict["batch"] == "data") == ("dp" in kinds or "fsdp" in kinds)
         assert (rules.params_dict["mlp"] == "model") == ("tp" in kinds)
         assert (rules.params_dict["stage"] == "stage") == ("pp" in kinds)
+        assert (rules.activations_dict["seq"] == "context") == ("cp" in kinds)
 
 
 def test_default_meshes():

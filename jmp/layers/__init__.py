@@ -37,6 +37,7 @@ from jmp.layers.base import (
     default_kernel_init,
     named_param,
 )
+from jmp.layers.context_parallel import CP_IMPLS, CpImpl
 from jmp.layers.embed import ParallelEmbed
 from jmp.layers.linear import (
     ColumnParallelLinear,
@@ -49,6 +50,8 @@ from jmp.layers.norm import RMSNorm
 from jmp.layers.rope import RopeScaling, apply_rope, inverse_frequencies, rope_cos_sin
 
 __all__ = [
+    "CP_IMPLS",
+    "CpImpl",
     "ColumnParallelLinear",
     "GatedMLP",
     "GroupedQueryAttention",

@@ -18,6 +18,7 @@ from jax.sharding import AbstractMesh, Mesh
 
 from jmp.context import constrain, current_mesh_shape, current_rules, param_axis
 from jmp.errors import ConfigError
+from jmp.layers import context_parallel
 from jmp.layers.base import (
     Initializer,
     Mode,
@@ -54,7 +55,9 @@ class ParallelAttention(nnx.Module):
     Q, K, V come from one column-parallel ``(embed, 3, heads, kv)`` kernel, so each device
     attends with its own heads; the output projection ``(heads, kv, embed)`` is row-parallel
     (one psum).
-    Attention itself is ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPUs).
+    Attention itself is ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPUs);
+    inside a context-parallel region (:mod:`jmp.layers.context_parallel`) it is the ring or
+    all-gather attention named by ``cp_impl``.
 
     Example:
         >>> attn = ParallelAttention(64, num_heads=4, rngs=nnx.Rngs(0))
@@ -71,12 +74,15 @@ class ParallelAttention(nnx.Module):
         causal: bool = True,
         use_bias: bool = True,
         mode: Mode = "auto",
+        cp_impl: context_parallel.CpImpl = "ring",
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         kernel_init: Initializer = default_kernel_init,
         rngs: nnx.Rngs,
     ) -> None:
         check_mode(mode)
+        context_parallel.check_impl(cp_impl)
+        self.cp_impl: context_parallel.CpImpl = cp_impl
         if head_dim is None:
             if features % num_heads:
                 raise ConfigError(
@@ -128,9 +134,14 @@ class ParallelAttention(nnx.Module):
         )
         qkv = constrain(qkv, activation_names(qkv.ndim, None, "heads", "kv"))
         q, k, v = (qkv[..., i, :, :] for i in range(3))
-        o = jax.nn.dot_product_attention(
-            q, k, v, mask=segment_mask(segment_ids), is_causal=self.causal
-        )
+        if context_parallel.current_region() is not None:  # the sequence is split: cp
+            o = context_parallel.attention(
+                q, k, v, impl=self.cp_impl, segment_ids=segment_ids, causal=self.causal
+            )
+        else:
+            o = jax.nn.dot_product_attention(
+                q, k, v, mask=segment_mask(segment_ids), is_causal=self.causal
+            )
         y = row_parallel_matmul(
             o, self.out[...].astype(dtype), n_contract=2, axis=axis, mode=self.mode
         )
@@ -207,7 +218,8 @@ class GroupedQueryAttention(nnx.Module):
 
     Attention is ``jax.nn.dot_product_attention`` (GQA without materializing repeated k/v),
     causal, optionally within a sliding window (Mistral: a token sees itself and the
-    ``sliding_window - 1`` before it) and within documents (``segment_ids``).
+    ``sliding_window - 1`` before it) and within documents (``segment_ids``); in a
+    context-parallel region, the ``cp_impl`` of :mod:`jmp.layers.context_parallel`.
 
     Example:
         >>> attn = GroupedQueryAttention(64, num_heads=8, num_kv_heads=2, rngs=nnx.Rngs(0))
@@ -230,12 +242,15 @@ class GroupedQueryAttention(nnx.Module):
         sliding_window: int | None = None,
         split_kv_heads: bool | None = None,
         mode: Mode = "auto",
+        cp_impl: context_parallel.CpImpl = "ring",
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         kernel_init: Initializer | None = None,
         rngs: nnx.Rngs,
     ) -> None:
         check_mode(mode)
+        context_parallel.check_impl(cp_impl)
+        self.cp_impl: context_parallel.CpImpl = cp_impl
         head_dim = head_dim or features // num_heads
         problems = []
         if num_kv_heads < 1 or num_heads % num_kv_heads:
@@ -332,11 +347,17 @@ class GroupedQueryAttention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         names = activation_names(q.ndim, "heads", "kv")
         q, k, v = constrain(q, names), constrain(k, names), constrain(v, names)
-        mask = segment_mask(segment_ids)
-        window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
-        o = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, local_window_size=window
-        )
+        if context_parallel.current_region() is not None:  # the sequence is split: cp
+            # only the kv heads (this device's slots) travel, never the repeated ones
+            o = context_parallel.attention(
+                q, k, v, impl=self.cp_impl, segment_ids=segment_ids, window=self.sliding_window
+            )
+        else:
+            mask = segment_mask(segment_ids)
+            window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
+            o = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=True, local_window_size=window
+            )
         out = row_parallel_matmul(
             o, self.o.kernel[...].astype(dtype), n_contract=2, axis=axis, mode=self.mode
         )

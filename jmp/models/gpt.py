@@ -28,6 +28,7 @@ from flax import nnx
 from jmp.context import constrain
 from jmp.errors import ConfigError
 from jmp.layers import (
+    CP_IMPLS,
     ColumnParallelLinear,
     Mode,
     ParallelAttention,
@@ -36,6 +37,7 @@ from jmp.layers import (
     RMSNorm,
     named_param,
 )
+from jmp.layers import context_parallel as cp
 
 MODEL_SIZES: dict[str, dict[str, Any]] = {
     # small enough for 8 simulated CPU devices on 2 cores
@@ -61,6 +63,10 @@ class GPTConfig:
         dtype: compute dtype (``'bfloat16'`` on GPUs); parameters are kept in ``param_dtype``.
         remat: recompute each block's activations in the backward pass (saves memory).
         mode: ``'auto'`` or ``'manual'`` collectives in every parallel layer.
+        cp_impl: context-parallel attention, ``'ring'`` or ``'allgather'`` (used under ``cp``
+            strategies: :mod:`jmp.layers.context_parallel`).
+        cp_load_balance: under ``cp``, device i holds sequence chunks i and 2c-1-i (equal
+            causal work); False: contiguous blocks.
     """
 
     vocab_size: int = 256
@@ -73,6 +79,8 @@ class GPTConfig:
     param_dtype: str = "float32"
     remat: bool = False
     mode: Mode = "auto"
+    cp_impl: cp.CpImpl = "ring"
+    cp_load_balance: bool = True
 
     def __post_init__(self) -> None:
         problems = [
@@ -89,6 +97,10 @@ class GPTConfig:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of {_DTYPES}")
         if self.mode not in ("auto", "manual"):
             problems.append(f"mode={self.mode!r} must be 'auto' or 'manual'")
+        if self.cp_impl not in CP_IMPLS:
+            problems.append(f"cp_impl={self.cp_impl!r} must be one of {CP_IMPLS}")
+        if not isinstance(self.cp_load_balance, bool):
+            problems.append(f"cp_load_balance={self.cp_load_balance!r} must be True or False")
         if problems:
             raise ConfigError("Invalid GPTConfig: " + "; ".join(problems) + ".")
 
@@ -128,6 +140,7 @@ class Block(nnx.Module):
             cfg.d_model,
             num_heads=cfg.n_heads,
             mode=mode,
+            cp_impl=cfg.cp_impl,
             dtype=dtype,
             param_dtype=pdtype,
             rngs=rngs,
@@ -198,11 +211,11 @@ class GPT(nnx.Module):
         ``positions`` ``(batch, seq)`` (default ``0..seq-1``) restart per packed document.
         """
         seq = tokens.shape[-1]
-        if seq > self.cfg.seq_len:
-            raise ConfigError(
-                f"sequence of {seq} tokens exceeds the model's seq_len={self.cfg.seq_len}."
-            )
+        self._check_length(tokens)
         table = self.position[...].astype(jnp.dtype(self.cfg.dtype))
+        # whole before the lookup (fsdp splits its embed dim over 'data', as the batch of the
+        # positions: XLA's partitioner aborts on that gather inside a context-parallel region)
+        table = constrain(table, (None, "embed")) if cp.current_region() else table
         where = table[:seq] if positions is None else jnp.take(table, positions, axis=0)
         x = self.embed(tokens) + where
         return constrain(x, ("batch", "seq", "embed"))
@@ -222,12 +235,41 @@ class GPT(nnx.Module):
 
         For packed documents (:mod:`jmp.train.data`'s batches): ``segment_ids`` ``(batch,
         seq)``, so no token attends across a document boundary, and ``positions``, restarting
-        at 0 in each document.
+        at 0 in each document. Under a ``cp`` strategy the whole forward runs with the sequence
+        split over the context axis (:func:`jmp.layers.context_parallel.run_sharded`).
         """
+        self._check_length(tokens)
+        if cp.context_axis() is not None:
+            return cp.run_sharded(
+                self,
+                GPT.hidden,
+                GPT.logits,
+                tokens,
+                segment_ids=segment_ids,
+                positions=positions,
+                balanced=self.cfg.cp_load_balance,
+            )
+        return self.logits(self.hidden(tokens, segment_ids=segment_ids, positions=positions))
+
+    def _check_length(self, tokens: jax.Array) -> None:
+        if tokens.shape[-1] > self.cfg.seq_len:
+            raise ConfigError(
+                f"sequence of {tokens.shape[-1]} tokens exceeds the model's "
+                f"seq_len={self.cfg.seq_len}."
+            )
+
+    def hidden(
+        self,
+        tokens: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Embeddings and every block: the final hidden state ``(batch, seq, d_model)``."""
         x = self.embed_tokens(tokens, positions)
         for block in self.blocks:
             if self.cfg.remat:
                 x = nnx.remat(lambda b, h: b(h, segment_ids=segment_ids))(block, x)
             else:
                 x = block(x, segment_ids=segment_ids)
-        return self.logits(x)
+        return x

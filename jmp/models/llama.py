@@ -45,6 +45,7 @@ from jax.sharding import AbstractMesh, Mesh
 from jmp.context import constrain, param_axis
 from jmp.errors import ConfigError
 from jmp.layers import (
+    CP_IMPLS,
     ColumnParallelLinear,
     GatedMLP,
     GroupedQueryAttention,
@@ -55,6 +56,7 @@ from jmp.layers import (
     column_parallel_matmul,
     kv_heads_name,
 )
+from jmp.layers import context_parallel as cp
 from jmp.layers.base import activation_names
 from jmp.losses import cross_entropy
 from jmp.pipeline.stack import STAGE, check_layers
@@ -125,6 +127,10 @@ class LlamaConfig:
         dtype, param_dtype: compute and parameter dtypes.
         remat: recompute each block's activations in the backward pass.
         mode: ``'auto'`` or ``'manual'`` collectives in every parallel layer.
+        cp_impl: context-parallel attention, ``'ring'`` or ``'allgather'`` (used under ``cp``
+            strategies: :mod:`jmp.layers.context_parallel`).
+        cp_load_balance: under ``cp``, device i holds sequence chunks i and 2c-1-i (equal
+            causal work); False: contiguous blocks.
 
     Example:
         >>> LlamaConfig.named("llama3-8b").num_params() / 1e9
@@ -149,6 +155,8 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat: bool = False
     mode: Mode = "auto"
+    cp_impl: cp.CpImpl = "ring"
+    cp_load_balance: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # from to_dict() / JSON
@@ -185,7 +193,9 @@ class LlamaConfig:
             not _is_int(self.sliding_window) or self.sliding_window < 1
         ):
             problems.append(f"sliding_window={self.sliding_window!r} must be a positive int")
-        for name in ("qkv_bias", "tie_embeddings", "remat"):
+        if self.cp_impl not in CP_IMPLS:
+            problems.append(f"cp_impl={self.cp_impl!r} must be one of {CP_IMPLS}")
+        for name in ("qkv_bias", "tie_embeddings", "remat", "cp_load_balance"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be True or False")
         for name in ("dtype", "param_dtype"):
@@ -237,6 +247,7 @@ class LlamaBlock(nnx.Module):
             sliding_window=cfg.sliding_window,
             split_kv_heads=split_kv_heads,
             mode=cfg.mode,
+            cp_impl=cfg.cp_impl,
             dtype=dtype,
             param_dtype=pdtype,
             rngs=rngs,
@@ -401,6 +412,9 @@ class Llama(nnx.Module):
                 (packed documents), causally.
             positions: ``(batch, seq)`` rotary positions (default ``0..seq-1``; restart them
                 per packed document).
+
+        Under a ``cp`` strategy the whole forward runs with the sequence split over the
+        context axis (:func:`jmp.layers.context_parallel.run_sharded`).
         """
         for name, extra in (("segment_ids", segment_ids), ("positions", positions)):
             if extra is not None and tuple(extra.shape) != tuple(tokens.shape):
@@ -408,8 +422,28 @@ class Llama(nnx.Module):
                     f"{name} has shape {tuple(extra.shape)} but tokens {tuple(tokens.shape)}. "
                     f"Fix: one {name[:-1] if name == 'positions' else 'segment id'} per token."
                 )
-        x = self.run_blocks(self.embed_tokens(tokens), segment_ids=segment_ids, positions=positions)
-        return self.logits(x)
+        if cp.context_axis() is not None:  # the sequence split over the context axis
+            return cp.run_sharded(
+                self,
+                Llama.hidden,
+                Llama.logits,
+                tokens,
+                segment_ids=segment_ids,
+                positions=positions,
+                balanced=self.cfg.cp_load_balance,
+            )
+        return self.logits(self.hidden(tokens, segment_ids=segment_ids, positions=positions))
+
+    def hidden(
+        self,
+        tokens: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Embeddings and every block: the final hidden state ``(batch, seq, d_model)``."""
+        x = self.embed_tokens(tokens)
+        return self.run_blocks(x, segment_ids=segment_ids, positions=positions)
 
     # the pipeline's view (jmp.pipeline.Pipelinable): first stage, blocks, last stage
     def embed_inputs(self, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
