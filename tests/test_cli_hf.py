@@ -309,6 +309,15 @@ def test_train_refusals(hf, tmp_path):
     _one_line_error(_main(*gpt, "--resume"), f"started with --init hf:{folder}")
     after = {f: open(os.path.join(run, f), "rb").read() for f in before}
     assert after == before and sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["2", "3"]
+    # the same folder, changed since the run started (its recorded fingerprint no longer holds)
+    changed = str(tmp_path / "changed_run")
+    shutil.copytree(run, changed)
+    saved = json.load(open(os.path.join(run, "config.json")))
+    tokenizer = {**saved["init"]["tokenizer"], "sha256": "0" * 64}
+    json.dump({**saved, "init": {**saved["init"], "tokenizer": tokenizer}},
+              open(os.path.join(changed, "config.json"), "w"))  # fmt: skip
+    resume = _train_args(folder, changed, hf["data"], strategy, mesh, *extra)
+    _one_line_error(_main(*resume, "--resume"), "has changed since (its tokenizer differs)")
 
 
 def test_export_refusals(hf, tmp_path):

@@ -237,8 +237,9 @@ def _check_same_start(folder: RunFolder, old: Any, new: Any) -> None:
         )
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     raise RunFolderError(
-        f"{where} was started from hf:{old['path']}, which has changed since ({', '.join(changed)} "
-        f"differ). Fix: restore the folder as it was, or start a new run with another --out."
+        f"{where} was started from hf:{old['path']}, which has changed since (its "
+        f"{' and '.join(changed)} {'differs' if len(changed) == 1 else 'differ'}). Fix: restore "
+        f"the folder as it was, or start a new run with another --out."
     )
 
 
