@@ -150,9 +150,17 @@ def to_natural(h: jax.Array, region: Region, /) -> jax.Array:
     odd = jnp.where(even_first, second, first)
     k_even = [i if i % 2 == 0 else 2 * c - 1 - i for i in range(c)]
     k_odd = [2 * c - 1 - i if i % 2 == 0 else i for i in range(c)]
-    even = jax.lax.ppermute(even, region.axis, [(i, k // 2) for i, k in enumerate(k_even)])
-    odd = jax.lax.ppermute(odd, region.axis, [(i, k // 2) for i, k in enumerate(k_odd)])
+    even, odd = (
+        _move(x, region.axis, [k // 2 for k in ks]) for x, ks in ((even, k_even), (odd, k_odd))
+    )
     return jnp.concatenate([even, odd], axis=1)
+
+
+def _move(x: jax.Array, axis: str, targets: list[int]) -> jax.Array:
+    """``ppermute`` device i's ``x`` to ``targets[i]``; no collective when nothing moves."""
+    if targets == list(range(len(targets))):  # c = 2: the even chunks are already home
+        return x
+    return jax.lax.ppermute(x, axis, list(enumerate(targets)))
 
 
 def run_sharded(
@@ -262,6 +270,9 @@ def attention(
     )
     kv = jnp.stack([k, v], axis=2)  # one collective moves both
     if impl == "allgather":
+        # Known cost: with a batch axis (data) left to the compiler, XLA's partitioner
+        # gathers this operand over it first (also with sharding constraints); the ring's
+        # collective-permutes do not have this problem
         kv_all = jax.lax.all_gather(kv, region.axis, axis=1, tiled=True)
         segs = (
             None
