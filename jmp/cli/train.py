@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -28,6 +29,7 @@ from jmp.cli.common import (
     setup_mesh,
 )
 from jmp.cli.hf_run import init_source
+from jmp.errors import ConfigError
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -61,7 +63,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "--data",
         nargs="+",
         default=None,
-        help="text files, folders or globs (default: Python stdlib sources)",
+        help="text files, folders or globs (default: Python stdlib sources), or one corpus "
+        "folder made by `jmp data prepare` (packed documents, its tokenizer)",
     )
     train.add_argument("--out", default=None, help="run folder (default runs/<time>)")
     train.add_argument("--seed", type=seed_int, default=0)
@@ -158,18 +161,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
     out = jmp.runtime.distributed.same_on_all(out)  # the processes may start a second apart
     folder = RunFolder(out)
-    data = token_data(args.data, start.tokenizer) if start else TextData.from_paths(args.data)
-    data.check(cfg.seq_len, cfg.vocab_size)
-    digest = _check_same_data(data)
+    corpus = _prepared_corpus(args.data)
+    if corpus is not None:
+        if start is None:  # a new GPT gets the corpus's vocabulary
+            cfg = dataclasses.replace(cfg, vocab_size=corpus.vocab_size)
+        data: Any = _corpus_loader(corpus, cfg, train_cfg, mesh, rules, start)
+        digest = _check_same_data(corpus)
+        unit, size = ("bytes" if corpus.tokenizer().kind == "bytes" else "tokens"), corpus.n_tokens
+    else:
+        data = token_data(args.data, start.tokenizer) if start else TextData.from_paths(args.data)
+        data.check(cfg.seq_len, cfg.vocab_size)
+        digest = _check_same_data(data)
+        unit = "tokens" if start and start.tokenizer.kind != "bytes" else "bytes"  # the ids
+        size = data.train.size + data.val.size
     shape = ",".join(f"{k}={v}" for k, v in mesh.shape.items())
-    unit = "tokens" if start and start.tokenizer.kind != "bytes" else "bytes"  # the data's ids
     config = {
         "model": cfg.to_dict(),
         "train": train_cfg.to_dict(),
         "data": {
             "sha256": digest,
             "paths": args.data,
-            unit: int(data.train.size + data.val.size),
+            unit: int(size),
+            # the loader's state but its step: the checkpoint's step is the data position
+            **({"corpus": _loader_state(data)} if corpus is not None else {}),
         },
         "strategy": args.strategy,
         "mesh": shape,
@@ -219,11 +233,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         show_params=True,  # from the model being trained: it is built once
     )
+    validation = (
+        f"validation loss {result.val_loss:.3f}"
+        if corpus is None
+        else "no validation split (a prepared corpus)"
+    )
     console.print(
-        f"train loss {result.train_loss:.3f}  validation loss {result.val_loss:.3f} "
-        f"nats/{unit[:-1]}  {result.tokens_per_s:,.0f} tokens/s"
+        f"train loss {result.train_loss:.3f} nats/{unit[:-1]}  {validation}  "
+        f"{result.tokens_per_s:,.0f} tokens/s"
         + (f"  skipped updates {result.skipped}" if result.skipped else "")
     )
+    sampler = start.tokenizer if start else corpus.tokenizer() if corpus is not None else None
     if args.sample:
         text = generate(
             cast(Any, result.model),  # the GPT or Llama run_training trained
@@ -233,7 +253,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             max_new_tokens=args.sample,
             temperature=0.7,
             seed=args.seed,
-            tokenizer=start.tokenizer if start else None,
+            tokenizer=sampler,
         )
         console.print("[bold]sample[/] (temperature 0.7, prompt 'def '):")
         console.print(text, markup=False, highlight=False)
@@ -251,11 +271,55 @@ def _start_distributed(args: argparse.Namespace) -> Any:
     return jmp.runtime.distributed.initialize(expected_devices=mesh_spec(args))
 
 
+def _prepared_corpus(paths: list[str] | None) -> Any:
+    """The :class:`~jmp.train.data.Corpus` when ``--data`` is one folder made by ``jmp data
+    prepare``; None for text files (read as today)."""
+    from jmp.train.data.corpus import Corpus, is_corpus
+
+    if paths and len(paths) == 1 and is_corpus(paths[0]):
+        return Corpus(paths[0])
+    if paths and len(paths) > 1 and any(is_corpus(p) for p in paths):
+        raise ConfigError(
+            f"--data {' '.join(paths)} mixes a prepared corpus with other paths. Fix: one "
+            f"corpus folder, or text files only (prepare them together with `jmp data prepare`)."
+        )
+    return None
+
+
+def _corpus_loader(corpus: Any, cfg: Any, train_cfg: Any, mesh: Any, rules: Any, start: Any) -> Any:
+    """The grain loader of ``corpus`` for this run, checked against the model and tokenizer."""
+    from jmp.train.data import Loader, batch_sharding
+
+    if mesh.shape.get("stage", 1) > 1:
+        raise ConfigError(
+            "A pipelined model takes (inputs, targets) batches; packed batches (a dict with "
+            "segment_ids) are not supported under pp_* strategies: the stages pass one "
+            "activation, not the segments. Fix: use a strategy without pp, or text files."
+        )
+    loader = Loader(
+        corpus,
+        seq_len=cfg.seq_len,
+        batch_size=train_cfg.batch_size,
+        seed=train_cfg.seed,
+        sharding=batch_sharding(mesh, rules),
+    )
+    tokenizer = None
+    if start is not None:  # the corpus must be tokenized as the Hugging Face model expects
+        path = os.path.join(start.path, "tokenizer.json")
+        tokenizer = path if os.path.exists(path) else "bytes"
+    loader.check(seq_len=cfg.seq_len, vocab_size=cfg.vocab_size, tokenizer=tokenizer)
+    return loader
+
+
+def _loader_state(loader: Any) -> dict[str, Any]:
+    return {k: v for k, v in loader.state().items() if k != "step"}
+
+
 def _check_same_data(data: Any) -> str:
     """Every process must read the same bytes (hosts may hold other files under one path)."""
     import jmp.runtime.distributed
 
-    digest = data.fingerprint()
+    digest = data.fingerprint() if callable(data.fingerprint) else data.fingerprint
     if jmp.runtime.distributed.same_on_all(digest) != digest:
         raise jmp.runtime.distributed.DistributedError(
             "This process read other training data than process 0 (the files under --data, or "

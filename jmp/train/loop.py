@@ -38,6 +38,7 @@ from jmp.train.trainer import FitResult, NonFiniteError, fit
 
 if TYPE_CHECKING:  # jmp.pipeline is imported only when a mesh has a 'stage' axis
     from jmp.pipeline import ScheduleName
+    from jmp.train.data.loader import Loader
 
 #: the result of run_training: .model is a GPT (PipelinedGPT on 'stage'), or the trained start
 RunResult = FitResult
@@ -49,7 +50,7 @@ def run_training(
     cfg: TrainConfig,
     mesh: Mesh,
     rules: Rules,
-    data: TextData,
+    data: TextData | Loader,
     /,
     *,
     start: nnx.Module | None = None,
@@ -72,30 +73,30 @@ def run_training(
     :class:`~jmp.models.Llama` of :func:`jmp.hf.load`, its blocks laid out for the mesh's
     stages); ``model_cfg`` is then its config.
 
-    With ``resume``, the latest checkpoint in ``out_dir`` is restored onto ``mesh`` (any mesh or
-    strategy) and training continues from its step with the very batches it would have seen.
+    ``data`` is token text (:class:`~jmp.train.data.TextData`: windows, with a validation
+    split) or a prepared corpus's :class:`~jmp.train.data.Loader` (packed documents: segment
+    ids, restarting positions and a loss mask reach the model; a corpus has no validation split,
+    so no ``val_loss``). With ``resume``, the latest checkpoint in ``out_dir`` is restored onto
+    ``mesh`` (any mesh or strategy) and training continues from its step with the very batches
+    it would have seen (for a corpus: its loader's order, a function of the seed and the step).
     A mesh with a ``stage`` axis pipelines the blocks over it (``schedule``: '1f1b' or 'gpipe',
     ``cfg.microbatches`` microbatches).
     """
     check_batch(cfg.batch_size, cfg.microbatches, mesh, rules)
-    data.check(model_cfg.seq_len, model_cfg.vocab_size)
     make_model, loss_fn, eval_loss_fn, microbatches = _parts(model_cfg, cfg, mesh, schedule, start)
+    from jmp.train.data.loader import Loader  # grain: loaded by the runs that use it
 
-    def batch(k: int, split: str = "train") -> Any:
-        return data.batch(
-            k,
-            batch_size=cfg.batch_size,
-            seq_len=model_cfg.seq_len,
-            mesh=mesh,
-            rules=rules,
-            seed=cfg.seed,
-            split=split,
-        )
-
+    if isinstance(data, Loader):  # a prepared corpus: packed documents, no validation split
+        data.check(seq_len=model_cfg.seq_len, vocab_size=model_cfg.vocab_size)
+        batches: Any = data.device_batches if data.sharding is not None else data.batches
+        eval_batches = None
+    else:
+        data.check(model_cfg.seq_len, model_cfg.vocab_size)
+        batches, eval_batches = _text_batches(data, model_cfg, cfg, mesh, rules)
     return fit(
         make_model,
         loss_fn,
-        batch,
+        batches,
         mesh=mesh,
         rules=rules,
         optimizer=make_optimizer(cfg),
@@ -105,7 +106,7 @@ def run_training(
         checkpoint_every=checkpoint_every,
         seed=cfg.seed,
         microbatches=microbatches,
-        eval_batches=lambda i: batch(i, "val"),
+        eval_batches=eval_batches,
         num_eval_batches=cfg.eval_batches,
         eval_every=cfg.eval_every,
         eval_loss_fn=eval_loss_fn,
@@ -119,6 +120,25 @@ def run_training(
         tensorboard=tensorboard,
         profile=profile,
     )
+
+
+def _text_batches(
+    data: TextData, model_cfg: Any, cfg: TrainConfig, mesh: Mesh, rules: Rules
+) -> tuple[Any, Any]:
+    """(step -> train batch, i -> validation batch): windows of the text's token ids."""
+
+    def batch(k: int, split: str = "train") -> Any:
+        return data.batch(
+            k,
+            batch_size=cfg.batch_size,
+            seq_len=model_cfg.seq_len,
+            mesh=mesh,
+            rules=rules,
+            seed=cfg.seed,
+            split=split,
+        )
+
+    return batch, lambda i: batch(i, "val")
 
 
 def build_model(model_cfg: GPTConfig, mesh: Mesh, rules: Rules, *, seed: int) -> GPT:
