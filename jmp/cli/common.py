@@ -201,6 +201,19 @@ def add_model_args(p: argparse.ArgumentParser, *, model_default: str | None = "s
     )
     p.add_argument("--dtype", default="float32", help="compute dtype, e.g. bfloat16")
     p.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
+    p.add_argument(
+        "--cp-impl",
+        default="ring",
+        choices=("ring", "allgather"),
+        help="context-parallel attention (cp strategies): K/V blocks passed around the ring, "
+        "or all-gathered",
+    )
+    p.add_argument(
+        "--cp-load-balance",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cp strategies: device i holds sequence chunks i and 2c-1-i (equal causal work)",
+    )
 
 
 def start_devices(n: int) -> None:
@@ -264,8 +277,14 @@ def setup_mesh(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The config fields ``--mode``, ``--remat`` and ``--seq`` set (GPT and Llama alike)."""
-    overrides: dict[str, Any] = {"mode": args.mode, "remat": args.remat}
+    """The config fields ``--mode``, ``--remat``, ``--cp-*`` and ``--seq`` set (GPT and Llama
+    alike)."""
+    overrides: dict[str, Any] = {
+        "mode": args.mode,
+        "remat": args.remat,
+        "cp_impl": args.cp_impl,
+        "cp_load_balance": args.cp_load_balance,
+    }
     if args.seq is not None:  # 0 is refused (the config), never read as "the default"
         overrides["seq_len"] = args.seq
     return overrides

@@ -158,6 +158,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         eval_every=args.eval_every,
     )
+    if mesh.shape.get("context", 1) > 1:  # before anything is written: the sequence must split
+        from jmp.layers.context_parallel import check_layout
+
+        check_layout(cfg.seq_len, mesh.shape["context"], balanced=cfg.cp_load_balance)
     out = os.path.abspath(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
     out = jmp.runtime.distributed.same_on_all(out)  # the processes may start a second apart
     folder = RunFolder(out)

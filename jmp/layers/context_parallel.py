@@ -84,7 +84,11 @@ def check_layout(seq: int, ways: int, /, *, balanced: bool) -> None:
         raise ConfigError(
             f"sequence of {seq} tokens does not split into {how}. Fix: a sequence length that "
             f"is a multiple of {chunks}"
-            + (", or cp_load_balance=False (multiples of the context size)." if balanced else ".")
+            + (
+                ", or cp_load_balance=False / --no-cp-load-balance (multiples of the context size)."
+                if balanced
+                else "."
+            )
         )
 
 
