@@ -323,7 +323,7 @@ def _check_same_data(data: Any) -> str:
     """Every process must read the same bytes (hosts may hold other files under one path)."""
     import jmp.runtime.distributed
 
-    digest = data.fingerprint() if callable(data.fingerprint) else data.fingerprint
+    digest = str(data.fingerprint() if callable(data.fingerprint) else data.fingerprint)
     if jmp.runtime.distributed.same_on_all(digest) != digest:
         raise jmp.runtime.distributed.DistributedError(
             "This process read other training data than process 0 (the files under --data, or "

@@ -89,8 +89,23 @@ class PipelinedGPT(GPT):
         """Mean cross-entropy of the logits of ``x`` (the last stage's output) on the targets."""
         return cross_entropy(self.logits(x), batch[1], mode=self.cfg.mode)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Logits ``(batch, seq, vocab)``, the blocks run in order (no pipelining)."""
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits ``(batch, seq, vocab)``, the blocks run in order (no pipelining).
+
+        Packed batches are refused: the stacked blocks run without segments (see
+        :meth:`embed_inputs`).
+        """
+        if segment_ids is not None or positions is not None:
+            raise ConfigError(
+                "A pipelined GPT runs unpacked sequences; segment_ids/positions are not "
+                "supported. Fix: use GPT for packed documents."
+            )
         return self.logits(run_stack(self.blocks, self.embed_tokens(tokens), remat=self.cfg.remat))
 
     @classmethod

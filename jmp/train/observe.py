@@ -52,7 +52,7 @@ def read_scalars(logdir: str, /) -> dict[str, list[tuple[int, float]]]:
     """
     import struct
 
-    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.proto.event_pb2 import Event  # pyright: ignore[reportAttributeAccessIssue]
 
     found: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):

@@ -137,7 +137,7 @@ def _gpu_preset(kind: str) -> Any:
     return next((d for name, d in DEVICES.items() if name != "cpu" and name in kind), None)
 
 
-def device_peak(devices: Sequence[jax.Device], /) -> Peak | None:
+def device_peak(devices: Sequence[Any], /) -> Peak | None:
     """The peak of ``devices`` (a mesh's), or None when jmp knows no figure for them."""
     first = devices[0]
     if first.platform == "cpu":

@@ -234,7 +234,7 @@ def fold_keys(keys: nnx.State, index: jax.Array | int, /) -> nnx.State:
     """
 
     def fold(x: jax.Array) -> jax.Array:
-        is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        is_key = jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
         return jax.random.fold_in(x, index) if is_key else x  # RngCount: as it is
 
     return jax.tree.map(fold, keys)
