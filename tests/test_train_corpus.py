@@ -128,3 +128,20 @@ def test_refusals_are_one_line_and_leave_the_run_as_it_was(corpus, whole, tmp_pa
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert _listing(out) == before
+
+
+def test_two_processes_train_the_corpus_as_one_and_resume_in_one(corpus, whole, tmp_path):
+    # each of two processes reads only its rows of every batch; the global order does not
+    # depend on the process count, so the two-process run equals the one-process run, and its
+    # step-3 checkpoint resumes in one process with the batches the uninterrupted run saw
+    two = str(tmp_path / "two")
+    done = run_jmp(
+        "launch", "-n", "2", "--local-devices", "4", "--",
+        "train", *RUN, "--data", corpus, "--out", two, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    np.testing.assert_allclose(_losses(two), _losses(whole), rtol=1e-5)
+    shutil.rmtree(os.path.join(two, "checkpoints", "6"))
+    done = run_jmp("train", *RUN, "--data", corpus, "--out", two, "--resume", timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_allclose(_losses(two), _losses(whole), rtol=1e-5)
