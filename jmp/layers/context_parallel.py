@@ -167,6 +167,32 @@ def _move(x: jax.Array, axis: str, targets: list[int]) -> jax.Array:
     return jax.lax.ppermute(x, axis, list(enumerate(targets)))
 
 
+def logits(
+    model: Any,
+    tokens: jax.Array,
+    /,
+    *,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    balanced: bool = True,
+) -> jax.Array:
+    """``model.logits(model.hidden(tokens, ...))``: over the context axis (:func:`run_sharded`)
+    when a cp strategy is active, else as it is. A model with ``hidden`` and ``logits``
+    methods (jmp's GPT and Llama) calls this from its ``__call__``."""
+    if context_axis() is not None:
+        kind = type(model)
+        return run_sharded(
+            model,
+            kind.hidden,
+            kind.logits,
+            tokens,
+            segment_ids=segment_ids,
+            positions=positions,
+            balanced=balanced,
+        )
+    return model.logits(model.hidden(tokens, segment_ids=segment_ids, positions=positions))
+
+
 def run_sharded(
     model: nnx.Module,
     body: Callable[..., jax.Array],

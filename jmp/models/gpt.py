@@ -239,17 +239,13 @@ class GPT(nnx.Module):
         split over the context axis (:func:`jmp.layers.context_parallel.run_sharded`).
         """
         self._check_length(tokens)
-        if cp.context_axis() is not None:
-            return cp.run_sharded(
-                self,
-                GPT.hidden,
-                GPT.logits,
-                tokens,
-                segment_ids=segment_ids,
-                positions=positions,
-                balanced=self.cfg.cp_load_balance,
-            )
-        return self.logits(self.hidden(tokens, segment_ids=segment_ids, positions=positions))
+        return cp.logits(  # the sequence split over 'context' under a cp strategy
+            self,
+            tokens,
+            segment_ids=segment_ids,
+            positions=positions,
+            balanced=self.cfg.cp_load_balance,
+        )
 
     def _check_length(self, tokens: jax.Array) -> None:
         if tokens.shape[-1] > self.cfg.seq_len:

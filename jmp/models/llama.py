@@ -422,17 +422,13 @@ class Llama(nnx.Module):
                     f"{name} has shape {tuple(extra.shape)} but tokens {tuple(tokens.shape)}. "
                     f"Fix: one {name[:-1] if name == 'positions' else 'segment id'} per token."
                 )
-        if cp.context_axis() is not None:  # the sequence split over the context axis
-            return cp.run_sharded(
-                self,
-                Llama.hidden,
-                Llama.logits,
-                tokens,
-                segment_ids=segment_ids,
-                positions=positions,
-                balanced=self.cfg.cp_load_balance,
-            )
-        return self.logits(self.hidden(tokens, segment_ids=segment_ids, positions=positions))
+        return cp.logits(  # the sequence split over 'context' under a cp strategy
+            self,
+            tokens,
+            segment_ids=segment_ids,
+            positions=positions,
+            balanced=self.cfg.cp_load_balance,
+        )
 
     def hidden(
         self,
