@@ -170,12 +170,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if start is None:  # a new GPT gets the corpus's vocabulary
             cfg = dataclasses.replace(cfg, vocab_size=corpus.vocab_size)
         data: Any = _corpus_loader(corpus, cfg, train_cfg, mesh, rules, start)
-        digest = _check_same_data(corpus)
+        digest = _check_same_data(corpus.fingerprint)
         unit, size = ("bytes" if corpus.tokenizer().kind == "bytes" else "tokens"), corpus.n_tokens
     else:
         data = token_data(args.data, start.tokenizer) if start else TextData.from_paths(args.data)
         data.check(cfg.seq_len, cfg.vocab_size)
-        digest = _check_same_data(data)
+        digest = _check_same_data(data.fingerprint())
         unit = "tokens" if start and start.tokenizer.kind != "bytes" else "bytes"  # the ids
         size = data.train.size + data.val.size
     shape = ",".join(f"{k}={v}" for k, v in mesh.shape.items())
@@ -319,11 +319,10 @@ def _loader_state(loader: Any) -> dict[str, Any]:
     return {k: v for k, v in loader.state().items() if k != "step"}
 
 
-def _check_same_data(data: Any) -> str:
+def _check_same_data(digest: str) -> str:
     """Every process must read the same bytes (hosts may hold other files under one path)."""
     import jmp.runtime.distributed
 
-    digest = str(data.fingerprint() if callable(data.fingerprint) else data.fingerprint)
     if jmp.runtime.distributed.same_on_all(digest) != digest:
         raise jmp.runtime.distributed.DistributedError(
             "This process read other training data than process 0 (the files under --data, or "

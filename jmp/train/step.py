@@ -170,17 +170,17 @@ class Step:
         abstract_state: Callable[[], TrainState],
         state_shardings: TrainState,
         batch_sharding: NamedSharding,
+        forward: Callable[[nnx.State, Batch], jax.Array],
     ) -> None:
         self.jitted, self.mesh = jitted, mesh
         self.init_state, self.abstract_state = init_state, abstract_state
         self.state_shardings, self.batch_sharding = state_shardings, batch_sharding
-        self.forward: Callable[[nnx.State, Batch], jax.Array] | None = None
+        self.forward = forward  # the loss of (params, batch), no gradient: for model_flops
 
     def model_flops(self, batch: Batch, /) -> float:
         """Model FLOPs of one step on ``batch`` (:func:`jmp.train.speed.model_flops`)."""
         from jmp.train.speed import model_flops
 
-        assert self.forward is not None
         params = self.abstract_state().params
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), batch)
         with jax.set_mesh(self.mesh):
@@ -427,9 +427,7 @@ def make_step(
         with activate(mesh, rules):
             return loss_of(params, batch, rngs)
 
-    made = Step(jitted, mesh, init_state, abstract_state, state_shardings, data_sharding)
-    made.forward = forward
-    return made
+    return Step(jitted, mesh, init_state, abstract_state, state_shardings, data_sharding, forward)
 
 
 def make_eval_step(
