@@ -202,6 +202,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # the weights last: a folder that does not load is refused before anything is written
     model = start.load(mesh, rules) if start else None
     console = Console(width=None if sys.stdout.isatty() else 120, quiet=not main_process)
+    jmp.runtime.distributed.barrier("run folder checked")  # by all: then process 0 writes
     if main_process:
         if args.overwrite and not args.resume and folder.holds_run():
             notes.append(f"moved the run that was in {out} aside to {move_aside(folder)}")

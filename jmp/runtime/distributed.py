@@ -184,6 +184,19 @@ def abort(code: int, message: str = "") -> NoReturn:
     rendezvous.fail(code, message)
 
 
+def barrier(name: str, /) -> None:
+    """Wait until every process reaches the barrier ``name`` (all must call it; no-op alone).
+
+    What it is for: every process checks a run folder before any process writes to it, so a
+    slow process never finds the files a fast one has just written (and refuses its own run).
+    """
+    if _cluster is None or _cluster.num_processes == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
 def same_on_all(text: str, /, *, max_bytes: int = 1024) -> str:
     """Process 0's ``text`` on every process (all must call it): e.g. a run folder's name."""
     if _cluster is None or _cluster.num_processes == 1:

@@ -45,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jmp.errors import ConfigError, JmpError
 from jmp.rules import Rules, check_batch, preset
+from jmp.runtime.distributed import barrier
 from jmp.sharding import param_table, shard_init
 from jmp.train.checkpoint import Checkpointer, CheckpointError
 from jmp.train.data import local_rows
@@ -227,6 +228,7 @@ def fit(
     if out_dir and not resume:  # before anything is built: a refusal costs nothing
         folder = RunFolder(out_dir)
         check_new_run(folder, overwrite=overwrite, files=FIT_FILES)
+        barrier("run folder checked")  # by every process, before process 0 moves or writes
         if overwrite and _is_main() and folder.holds_run(FIT_FILES):
             moved = move_aside(folder)
             say(console, f"moved the run in {folder.path} aside to {moved}")
