@@ -286,7 +286,11 @@ def preset(strategy: str, mesh: Mesh | AbstractMesh, /) -> Rules:
     ``tp``            mlp/heads/vocab over ``model``  mlp/heads/vocab over ``model``
     ``pp``            ``stage`` dim over ``stage``    ``stage`` over ``stage``
     ``cp``            replicated                      ``seq`` over ``context``
+    ``ep``            ``expert`` dim over ``expert``  batch over ``expert`` too
     ================  ==============================  =================================
+
+    Two kinds that split the same logical name join their axes (``dp_ep``: the batch over
+    ``('data', 'expert')``).
 
     Raises:
         ConfigError: an unknown or invalid strategy name (listing the valid ones).

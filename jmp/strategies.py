@@ -4,7 +4,9 @@ A *kind* is one way of splitting the work (data parallel, FSDP, tensor parallel,
 Each is declared once below as a :class:`Kind`: the mesh axis it uses, the rule entries it
 contributes for parameters and for activations, its default share of the devices, and a
 one-line description. A *strategy* is kinds joined by ``_`` in the registry's order
-(``fsdp_tp``, ``pp_dp_tp``). Everything that needs to know strategies reads this module:
+(``fsdp_tp``, ``pp_dp_tp``, ``dp_ep``). Where two kinds of a strategy map the same logical name
+their axes join, outermost first: under ``dp_ep`` the batch is split over
+``('data', 'expert')``. Everything that needs to know strategies reads this module:
 :func:`jmp.rules.preset`, the CLI's choices, help and default meshes, the planner, the
 benchmarks and the error messages.
 
@@ -16,6 +18,8 @@ Example:
     'stage=2,data=2,model=-1'
     >>> "dp_fsdp" in strategies.names()
     False
+    >>> strategies.parse("dp_ep").tables()[1]["batch"]
+    ('data', 'expert')
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ LOGICAL_NAMES = (
     "vocab",
     "layers",
     "stage",
+    "expert",
 )
 
 
@@ -107,6 +112,18 @@ KINDS: tuple[Kind, ...] = (
         description="fully sharded data parallel (ZeRO-3): parameters and batch over 'data'",
     ),
     Kind(
+        "ep",
+        "expert",
+        params={"expert": "expert"},
+        # an expert-parallel device is also a data-parallel one: the tokens split over both
+        activations={"batch": "expert"},
+        description="expert parallel: MoE experts over 'expert', tokens over it too "
+        "(all-to-all dispatch and combine)",
+        # both run the model (or its stages) in a shard_map region of their own, which the
+        # MoE layer's all-to-all region does not nest in yet
+        excludes=("pp", "cp"),
+    ),
+    Kind(
         "tp",
         "model",
         params=_TENSOR,
@@ -149,8 +166,8 @@ class Strategy:
         params: dict[str, MeshAxes] = dict.fromkeys(LOGICAL_NAMES, None)
         activations: dict[str, MeshAxes] = dict.fromkeys(LOGICAL_NAMES, None)
         for kind in self.kinds:
-            params.update(kind.params)
-            activations.update(kind.activations)
+            _join(params, kind.params)
+            _join(activations, kind.activations)
         return params, activations
 
     def default_mesh(self) -> str:
@@ -160,6 +177,19 @@ class Strategy:
 
     def describe(self) -> str:
         return "; ".join(k.description for k in self.kinds)
+
+
+def _join(table: dict[str, MeshAxes], entries: Mapping[str, MeshAxes]) -> None:
+    """Add a kind's entries to a rule table; a name two kinds map is split over both axes."""
+    for name, axis in entries.items():
+        before = table.get(name)
+        if before is None:
+            table[name] = axis
+        else:
+            joined = (before if isinstance(before, tuple) else (before,)) + (
+                axis if isinstance(axis, tuple) else (axis,)
+            )
+            table[name] = joined
 
 
 def _problems(parts: list[str]) -> list[str]:

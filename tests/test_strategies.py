@@ -9,7 +9,8 @@ import jmp
 from jmp import strategies
 from jmp.cli import _parser
 
-# Written out by hand, independently of the registry: what the kinds dp, fsdp, tp, pp, cp compose to
+# Written out by hand, independently of the registry: what the kinds dp, fsdp, ep, tp, pp, cp
+# compose to
 EXPECTED = {
     "dp": ("data",),
     "fsdp": ("data",),
@@ -29,7 +30,16 @@ EXPECTED = {
     "tp_cp": ("model", "context"),
     "dp_tp_cp": ("data", "model", "context"),
     "fsdp_tp_cp": ("data", "model", "context"),
+    # expert parallel (ep): experts and tokens over 'expert'; not inside pipelines or with cp
+    "ep": ("expert",),
+    "dp_ep": ("data", "expert"),
+    "fsdp_ep": ("data", "expert"),
+    "ep_tp": ("expert", "model"),
+    "dp_ep_tp": ("data", "expert", "model"),
+    "fsdp_ep_tp": ("data", "expert", "model"),
 }
+# the batch's axes: every data-like kind's, outermost first
+BATCH_AXES = {"dp": "data", "fsdp": "data", "ep": "expert"}
 
 
 def test_names_are_the_compositions():
@@ -46,6 +56,9 @@ def test_names_are_the_compositions():
         ("tp_tp", "appears twice"),
         ("pp_dp_cp", "cp does not compose with pp"),
         ("cp_dp", "write 'dp_cp'"),
+        ("pp_dp_ep", "ep does not compose with pp"),
+        ("ep_cp", "ep does not compose with cp"),
+        ("ep_dp", "write 'dp_ep'"),
         ("zero3", "unknown kind"),
         ("", "unknown kind"),
     ],
@@ -55,7 +68,7 @@ def test_invalid_compositions_are_one_clear_error(name, why):
         strategies.parse(name)
     msg = str(err.value)
     assert why in msg and "\n" not in msg
-    assert "Known: dp, fsdp, tp, cp, dp_tp" in msg  # lists what is allowed
+    assert "Known: dp, fsdp, ep, tp, cp, dp_ep" in msg  # lists what is allowed
 
 
 def _choices_of_cli():
@@ -79,8 +92,9 @@ def test_cli_preset_and_planner_read_the_registry(make_mesh):
     assert set(_choices_of_cli()) == names
     assert set(jmp.rules.STRATEGIES) == names
     # the planner covers the registry except FSDP inside pipeline stages (stated in its docs)
-    # and context parallelism (no cost terms yet: jmp.plan.compare reads compiled programs)
-    modelled = {n for n in names if "cp" not in n.split("_")}
+    # and context and expert parallelism (no cost terms yet: jmp.plan.compare reads compiled
+    # programs)
+    modelled = {n for n in names if not {"cp", "ep"} & set(n.split("_"))}
     assert set(jmp.plan.STRATEGIES) == modelled - {"pp_fsdp", "pp_fsdp_tp"}
     for name in names:
         mesh = make_mesh(strategies.default_mesh(name))
@@ -88,7 +102,9 @@ def test_cli_preset_and_planner_read_the_registry(make_mesh):
         assert tuple(mesh.shape) == EXPECTED[name]
         kinds = name.split("_")
         assert (rules.params_dict["embed"] == "data") == ("fsdp" in kinds)
-        assert (rules.activations_dict["batch"] == "data") == ("dp" in kinds or "fsdp" in kinds)
+        batch = tuple(BATCH_AXES[k] for k in kinds if k in BATCH_AXES)
+        assert rules.activations_dict["batch"] == (batch[0] if len(batch) == 1 else batch or None)
+        assert (rules.params_dict["expert"] == "expert") == ("ep" in kinds)
         assert (rules.params_dict["mlp"] == "model") == ("tp" in kinds)
         assert (rules.params_dict["stage"] == "stage") == ("pp" in kinds)
         assert (rules.activations_dict["seq"] == "context") == ("cp" in kinds)
