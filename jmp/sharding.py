@@ -111,19 +111,33 @@ def named_shardings(model: Any, rules: Rules, mesh: Mesh, /) -> Any:
 def _nnx_init(
     make_model: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh, rules: Rules, seed: int
 ) -> tuple[nnx.GraphDef, jax.stages.Wrapped]:
-    # Flax's eager sharding would resolve names with its own (non-strict) rules: turn it off and
-    # give every variable its sharding through jit's out_shardings instead.
-    # built inside jmp.context.building: a constructor may ask how its dims will be split
-    with nnx.use_eager_sharding(False), building(mesh, rules):
-        abstract = nnx.eval_shape(lambda: make_model(nnx.Rngs(seed)))
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = named_shardings(abstract_state, rules, mesh)
+    graphdef, shardings = abstract_shardings(make_model, mesh, rules, seed=seed)
 
     def init() -> nnx.State:
         with nnx.use_eager_sharding(False), building(mesh, rules):
             return nnx.split(make_model(nnx.Rngs(seed)))[1]
 
     return graphdef, jax.jit(init, out_shardings=shardings)
+
+
+def abstract_shardings(
+    make_model: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh, rules: Rules, /, *, seed: int = 0
+) -> tuple[nnx.GraphDef, Any]:
+    """The graph and the shardings of the model ``make_model`` builds, from abstract shapes
+    (nothing allocated): raises every error :func:`shard_init` would (a dim the mesh axis does
+    not divide, an unknown logical name), so a caller can check before it writes anything.
+
+    Example:
+        >>> graphdef, shardings = abstract_shardings(
+        ...     lambda rngs: jmp.layers.ParallelMLP(64, 256, rngs=rngs), mesh, rules)
+    """
+    # Flax's eager sharding would resolve names with its own (non-strict) rules: turn it off and
+    # give every variable its sharding through jit's out_shardings instead.
+    # built inside jmp.context.building: a constructor may ask how its dims will be split
+    with nnx.use_eager_sharding(False), building(mesh, rules):
+        abstract = nnx.eval_shape(lambda: make_model(nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    return graphdef, named_shardings(abstract_state, rules, mesh)
 
 
 def shard_init(

@@ -37,6 +37,10 @@ MeshAxes = str | tuple[str, ...] | None
 #: planner offer them).
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 
+#: What a block keeps for its backward pass (:mod:`jmp.layers.remat` implements them; the
+#: models' ``remat`` field and the CLI's ``--remat`` take them).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
+
 #: The logical axis names jmp's layers and models use; every rule table has an entry for each.
 LOGICAL_NAMES = (
     "batch",
@@ -179,6 +183,11 @@ class Strategy:
         return "; ".join(k.description for k in self.kinds)
 
 
+def axes_of(entry: MeshAxes, /) -> tuple[str, ...]:
+    """A rule entry as a tuple of mesh axes (``None``: none)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _join(table: dict[str, MeshAxes], entries: Mapping[str, MeshAxes]) -> None:
     """Add a kind's entries to a rule table; a name two kinds map is split over both axes."""
     for name, axis in entries.items():
@@ -186,10 +195,7 @@ def _join(table: dict[str, MeshAxes], entries: Mapping[str, MeshAxes]) -> None:
         if before is None:
             table[name] = axis
         else:
-            joined = (before if isinstance(before, tuple) else (before,)) + (
-                axis if isinstance(axis, tuple) else (axis,)
-            )
-            table[name] = joined
+            table[name] = axes_of(before) + axes_of(axis)
 
 
 def _problems(parts: list[str]) -> list[str]:

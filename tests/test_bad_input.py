@@ -283,9 +283,6 @@ def test_a_real_xla_out_of_memory_error_is_one_line(capsys, monkeypatch):
 
 # --- 7: --help shows every option's help and default ------------------------------------------
 
-# `jmp train`'s parser is in jmp/cli/train.py; these of its options have no help text yet
-TRAIN_WITHOUT_HELP = {"--steps", "--lr", "--seed", "--eval-every", "--checkpoint-every"}
-
 
 def _help_entry(text: str, invocation: str) -> str | None:
     """The help text printed after ``invocation`` in argparse's --help output (None if absent)."""
@@ -302,14 +299,17 @@ def _help_entry(text: str, invocation: str) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("command", ["train", "generate", "inspect", "plan", "launch"])
+@pytest.mark.parametrize(
+    "command", ["train", "generate", "inspect", "plan", "launch", "export", "data prepare"]
+)
 def test_help_shows_each_option_with_help_and_default(capsys, monkeypatch, command):
     monkeypatch.setenv("COLUMNS", "100")
-    code, out, _ = run_main(capsys, command, "--help")
+    code, out, _ = run_main(capsys, *command.split(), "--help")
     assert code == 0
-    parser = jmp.cli._parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    command_parser = sub.choices[command]
+    command_parser = jmp.cli._parser()
+    for word in command.split():  # `data prepare`: a command of a command
+        sub = next(a for a in command_parser._actions if isinstance(a, argparse._SubParsersAction))
+        command_parser = sub.choices[word]
     formatter = command_parser._get_formatter()
     missing_help = set()
     for action in command_parser._actions:
@@ -334,10 +334,7 @@ def test_help_shows_each_option_with_help_and_default(capsys, monkeypatch, comma
             assert "(required)" in text or (action.default is None and "default" in text.lower()), (
                 f"{command} {name}: no default shown in {text!r}"
             )
-    if command == "train":
-        assert missing_help <= TRAIN_WITHOUT_HELP, missing_help - TRAIN_WITHOUT_HELP
-    else:
-        assert not missing_help, f"{command}: options without help: {sorted(missing_help)}"
+    assert not missing_help, f"{command}: options without help: {sorted(missing_help)}"
 
 
 # --- 9-11: the Python API ---------------------------------------------------------------------
@@ -397,6 +394,34 @@ def test_activate_refuses_a_dict_for_the_rules():
     with pytest.raises(MeshError, match=r"got str 'data=8'. Fix: pass jmp.make_mesh\('data=8'\)"):
         jmp.activate("data=8", jmp.rules.preset("dp", mesh))
     assert issubclass(ConfigError, JmpError) and issubclass(MeshError, JmpError)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lr", math.inf),
+        ("lr", -1e-3),
+        ("clip_norm", math.nan),
+        ("clip_norm", 0.0),
+        ("warmup_steps", -1),
+    ],
+)
+def test_train_config_names_a_bad_value(field, value):
+    from jmp.train import TrainConfig
+
+    with pytest.raises(ConfigError, match=rf"{field}={value!r}"):
+        TrainConfig(**{field: value})
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    import numpy as np
+
+    from jmp.train.data.text import TextData
+
+    data = TextData.from_tokens(np.arange(1000, dtype=np.int32) % 300)  # ids up to 299
+    data.check(16, vocab_size=300)  # fits
+    with pytest.raises(ConfigError, match=r"holds token id 299, outside the model's vocabulary"):
+        data.check(16, vocab_size=256)  # the loss would be NaN
 
 
 # --- 12: jmp generate reads the parameters alone ----------------------------------------------

@@ -63,6 +63,33 @@ def test_model_flops_equal_the_hand_count(make_mesh, strategy, spec, mode, one_h
     assert step.model_flops(_tokens()) == _hand_count(cfg, one_hot_embedding=one_hot)
 
 
+# a GPT whose second block is a mixture of 8 experts, 2 per token, one shared expert
+MOE = GPTConfig.named("tiny", n_experts=8, top_k=2, n_shared_experts=1, moe_every=2)
+
+
+@pytest.mark.parametrize(
+    "strategy, spec, capacity",
+    [
+        ("dp", "data=1", None),  # dropless: grouped matmuls (ragged_dot) of the routed rows
+        ("dp", "data=8", 1.25),  # capacity slots: padded rows, only the routed ones count
+        ("ep", "expert=8", None),  # slots sent over 'expert' (all-to-all): the same count
+        ("dp_ep", "data=2,expert=4", 2.0),
+    ],
+)
+def test_a_mixture_of_experts_counts_only_its_routed_rows(make_mesh, strategy, spec, capacity):
+    cfg = GPTConfig(**{**MOE.to_dict(), "capacity_factor": capacity})
+    mesh = make_mesh(spec) if spec != "data=1" else jmp.make_mesh(spec, devices=jax.devices()[:1])
+    d, f, tokens = cfg.d_model, cfg.hidden, B * S
+    dense_mlp = 2 * 2 * tokens * d * f
+    moe = (
+        2 * tokens * d * cfg.n_experts  # the router
+        + 3 * 2 * tokens * (cfg.top_k + cfg.n_shared_experts) * d * f  # SwiGLU: gate, up, down
+        + 2 * tokens * cfg.top_k * d  # the expert outputs weighted into one
+    )
+    dense = _hand_count(cfg, one_hot_embedding=False)  # no vocabulary split: a gather
+    assert _step(mesh, strategy, cfg).model_flops(_tokens()) == dense + 3.0 * (moe - dense_mlp)
+
+
 def test_scan_bodies_count_once_per_iteration():
     x = np.ones((32, 32), np.float32)
 

@@ -24,6 +24,7 @@ import os
 from typing import Any, NoReturn
 
 from jmp import strategies
+from jmp.errors import ConfigError
 
 #: The GPT size ``jmp train`` trains without --model.
 DEFAULT_MODEL = "small"
@@ -200,7 +201,38 @@ def add_model_args(p: argparse.ArgumentParser, *, model_default: str | None = "s
         "shard_map with explicit psums",
     )
     p.add_argument("--dtype", default="float32", help="compute dtype, e.g. bfloat16")
-    p.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
+    p.add_argument(
+        "--remat",
+        nargs="?",
+        const="full",
+        default="none",
+        choices=strategies.REMAT_POLICIES,
+        help="what each block keeps for the backward pass; the rest is recomputed (full: only "
+        "its input; dots: matmul outputs; dots_no_batch: matmuls with weights; offload: those in "
+        "host memory); --remat alone is full",
+    )
+    p.add_argument(
+        "--experts",
+        type=nonnegative_int,
+        default=0,
+        help="routed experts in each MoE block: the blocks' MLPs become mixtures of SwiGLU "
+        "experts (0: a dense model); ep strategies split them over 'expert'",
+    )
+    p.add_argument(
+        "--top-k", type=positive_int, default=2, help="experts each token goes to (--experts)"
+    )
+    p.add_argument(
+        "--shared-experts",
+        type=nonnegative_int,
+        default=0,
+        help="experts every token uses besides its routed ones (DeepSeek-MoE; --experts)",
+    )
+    p.add_argument(
+        "--moe-every",
+        type=positive_int,
+        default=1,
+        help="every k-th block is a MoE block, the others dense (--experts)",
+    )
     p.add_argument(
         "--cp-impl",
         default="ring",
@@ -290,12 +322,33 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def expert_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The mixture-of-experts fields ``--experts``, ``--top-k``, ``--shared-experts`` and
+    ``--moe-every`` set (empty for a dense model; the shape options without ``--experts`` are
+    refused rather than ignored)."""
+    shape = {"top_k": (args.top_k, 2), "n_shared_experts": (args.shared_experts, 0)}
+    shape["moe_every"] = (args.moe_every, 1)
+    if not args.experts:
+        given = [
+            f"--{k.replace('n_', '').replace('_', '-')}" for k, (v, d) in shape.items() if v != d
+        ]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} shape a mixture of experts, but --experts is 0 (a dense "
+                f"model). Fix: add --experts N (e.g. --experts 8), or drop {', '.join(given)}."
+            )
+        return {}
+    return {"n_experts": args.experts, **{k: v for k, (v, _) in shape.items()}}
+
+
 def gpt_config(args: argparse.Namespace) -> Any:
     """The :class:`~jmp.models.GPTConfig` of ``--model`` (default small) and its options."""
     from jmp.models import GPTConfig
 
     name = args.model or DEFAULT_MODEL
-    return GPTConfig.named(name, dtype=args.dtype, **model_overrides(args))
+    return GPTConfig.named(
+        name, dtype=args.dtype, **model_overrides(args), **expert_overrides(args)
+    )
 
 
 def fits(mesh_text: str, n: int) -> bool:

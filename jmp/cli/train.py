@@ -18,6 +18,7 @@ from jmp import strategies
 from jmp.cli.common import (
     DEFAULT_MODEL,
     add_model_args,
+    expert_overrides,
     gpt_config,
     mesh_spec,
     model_overrides,
@@ -44,7 +45,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="continue training a local Hugging Face Llama/Mistral/Qwen2 folder (its weights, "
         "config and tokenizer.json; bytes without one) instead of a new GPT (default: none)",
     )
-    train.add_argument("--steps", type=positive_int, default=600)
+    train.add_argument(
+        "--steps", type=positive_int, default=600, help="optimizer steps in the whole run"
+    )
     train.add_argument("--batch", type=positive_int, default=16, help="global batch (sequences)")
     train.add_argument(
         "--microbatches",
@@ -58,7 +61,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         choices=strategies.PIPELINE_SCHEDULES,
         help="pipeline schedule for pp_* strategies",
     )
-    train.add_argument("--lr", type=positive_float, default=3e-3)
+    train.add_argument(
+        "--lr",
+        type=positive_float,
+        default=3e-3,
+        help="peak learning rate of AdamW (linear warmup, then cosine decay)",
+    )
     train.add_argument(
         "--data",
         nargs="+",
@@ -67,8 +75,18 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "folder made by `jmp data prepare` (packed documents, its tokenizer)",
     )
     train.add_argument("--out", default=None, help="run folder (default runs/<time>)")
-    train.add_argument("--seed", type=seed_int, default=0)
-    train.add_argument("--eval-every", type=positive_int, default=100)
+    train.add_argument(
+        "--seed",
+        type=seed_int,
+        default=0,
+        help="seed of the initial parameters and the batch order",
+    )
+    train.add_argument(
+        "--eval-every",
+        type=positive_int,
+        default=100,
+        help="steps between validation losses (and at the last step)",
+    )
     train.add_argument(
         "--checkpoint-every",
         type=nonnegative_int,
@@ -128,7 +146,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jmp.models.generate import generate
     from jmp.train import TrainConfig
     from jmp.train.data import TextData
-    from jmp.train.loop import run_training
+    from jmp.train.loop import check_model, run_training
     from jmp.train.run_folder import (
         RunFolder,
         check_new_run,
@@ -147,6 +165,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     mesh, rules, _ = setup_mesh(args)
     start = None
     if args.init is not None:
+        if expert_overrides(args):  # (refuses --top-k and the like without --experts)
+            raise jmp.ConfigError(
+                f"--experts {args.experts} makes a new GPT's blocks mixtures of experts; a "
+                f"Hugging Face start (--init) keeps its own dense MLPs. Fix: drop --experts, or "
+                f"train a new GPT (--model) with it."
+            )
         start = Start.read(args.init, dtype=args.dtype, **model_overrides(args))
         start.check_vocab()
     cfg = start.config if start else gpt_config(args)
@@ -159,8 +183,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
     )
     if mesh.shape.get("context", 1) > 1:  # before anything is written: the sequence must split
-        from jmp.layers.context_parallel import check_layout
+        from jmp.layers.context_parallel import check_layout, check_no_experts
 
+        check_no_experts(cfg)
         check_layout(cfg.seq_len, mesh.shape["context"], balanced=cfg.cp_load_balance)
     out = os.path.abspath(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
     out = jmp.runtime.distributed.same_on_all(out)  # the processes may start a second apart
@@ -201,6 +226,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_new_run(folder, overwrite=args.overwrite)
     # the weights last: a folder that does not load is refused before anything is written
     model = start.load(mesh, rules) if start else None
+    if model is None:  # a new model: one the mesh cannot split is refused here, not after
+        check_model(cfg, train_cfg, mesh, rules, schedule=args.schedule)
     console = Console(width=None if sys.stdout.isatty() else 120, quiet=not main_process)
     jmp.runtime.distributed.barrier("run folder checked")  # by all: then process 0 writes
     if main_process:

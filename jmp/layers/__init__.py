@@ -46,7 +46,7 @@ from jmp.layers.linear import (
     row_parallel_matmul,
 )
 from jmp.layers.mlp import GatedMLP, ParallelMLP
-from jmp.layers.moe import MoE, MoEAux, captured_aux
+from jmp.layers.moe import MoE, MoEAux, aux_metrics, captured_aux
 from jmp.layers.norm import RMSNorm
 from jmp.layers.rope import RopeScaling, apply_rope, inverse_frequencies, rope_cos_sin
 
@@ -67,6 +67,7 @@ __all__ = [
     "RopeScaling",
     "RowParallelLinear",
     "apply_rope",
+    "aux_metrics",
     "captured_aux",
     "column_parallel_matmul",
     "default_embedding_init",

@@ -41,3 +41,32 @@ def activation_names(ndim: int, *feature_names: str | None) -> tuple[str | None,
     """('batch', None, ..., *features): leading dim is the batch, the rest are unsplit."""
     lead = ndim - len(feature_names)
     return (("batch",) + (None,) * (lead - 1) if lead > 0 else ()) + tuple(feature_names)
+
+
+#: The name scope of matmuls over padded rows: ``model_rows_R_of_P`` says that P rows are
+#: computed of which R are real (a mixture of experts' capacity slots). The speed meter
+#: (:mod:`jmp.train.speed`) counts R/P of those FLOPs as model FLOPs: padding is work done,
+#: not work the model needs.
+MODEL_ROWS_SCOPE = "model_rows_"
+
+
+def model_rows(real: int, padded: int, /) -> jax.named_scope:
+    """The name scope that marks matmuls over ``padded`` rows of which ``real`` count.
+
+    Example:
+        >>> with model_rows(3, 8):
+        ...     pass
+        >>> model_rows_share("outer/model_rows_3_of_8/dot_general")
+        0.375
+    """
+    return jax.named_scope(f"{MODEL_ROWS_SCOPE}{real}_of_{padded}")
+
+
+def model_rows_share(name_stack: str, /) -> float:
+    """The share of real rows a :func:`model_rows` scope in ``name_stack`` states (else 1)."""
+    share = 1.0
+    for part in name_stack.split("/"):
+        if part.startswith(MODEL_ROWS_SCOPE):
+            real, padded = part[len(MODEL_ROWS_SCOPE) :].split("_of_")
+            share *= int(real) / int(padded)
+    return share

@@ -167,6 +167,19 @@ def _move(x: jax.Array, axis: str, targets: list[int]) -> jax.Array:
     return jax.lax.ppermute(x, axis, list(enumerate(targets)))
 
 
+def check_no_experts(model_cfg: Any, /) -> None:
+    """Refuse a mixture of experts under context parallelism (a config with ``n_experts``):
+    its routing statistics would be per context shard and its all-to-all region would nest in
+    the context one."""
+    experts = getattr(model_cfg, "n_experts", 0)
+    if experts:
+        raise ConfigError(
+            f"A mixture of experts (n_experts={experts}) does not run under context "
+            f"parallelism yet. Fix: train it with a strategy without cp (ep, dp_ep, "
+            f"fsdp_ep, ep_tp, ...)."
+        )
+
+
 def logits(
     model: Any,
     tokens: jax.Array,
@@ -180,6 +193,7 @@ def logits(
     when a cp strategy is active, else as it is. A model with ``hidden`` and ``logits``
     methods (jmp's GPT and Llama) calls this from its ``__call__``."""
     if context_axis() is not None:
+        check_no_experts(getattr(model, "cfg", None))
         kind = type(model)
         return run_sharded(
             model,

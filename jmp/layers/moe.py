@@ -41,7 +41,14 @@ from jax.sharding import PartitionSpec as P
 
 from jmp.context import activation_spec, current_mesh_shape, param_axis
 from jmp.errors import ConfigError
-from jmp.layers.base import Initializer, Mode, check_mode, default_kernel_init, named_param
+from jmp.layers.base import (
+    Initializer,
+    Mode,
+    check_mode,
+    default_kernel_init,
+    model_rows,
+    named_param,
+)
 from jmp.layers.mlp import GatedMLP
 from jmp.rules import axes_tuple
 
@@ -124,13 +131,17 @@ def _with_slots(x, experts, weights, gate, up, down, *, capacity, n_experts, exp
     # a slot index >= capacity falls outside the buffer: mode='drop' is the capacity's cut
     buf = jnp.zeros((n_experts, capacity, x.shape[-1]), x.dtype)
     buf = buf.at[experts, pos].add(rows, mode="drop")
+    # the buffers hold n_experts * capacity rows per device, n * k of them routed pairs
+    rows_scope = model_rows(min(n * k, n_experts * capacity), n_experts * capacity)
     if expert_axis is None:
-        out = _swiglu(buf, gate, up, down)
+        with rows_scope:
+            out = _swiglu(buf, gate, up, down)
     else:
         n_ep, local = n_experts // gate.shape[0], gate.shape[0]
         buf = buf.reshape(n_ep, local, capacity, -1)  # [device holding the expert, its expert]
         buf = jax.lax.all_to_all(buf, expert_axis, 0, 0)  # now [source device, my expert]
-        out = _swiglu(buf.swapaxes(0, 1).reshape(local, n_ep * capacity, -1), gate, up, down)
+        with rows_scope:
+            out = _swiglu(buf.swapaxes(0, 1).reshape(local, n_ep * capacity, -1), gate, up, down)
         out = out.reshape(local, n_ep, capacity, -1).swapaxes(0, 1)
         out = jax.lax.all_to_all(out, expert_axis, 0, 0).reshape(n_experts, capacity, -1)
     got = out.at[experts, pos].get(mode="fill", fill_value=0)  # (n, k, D); dropped pairs: 0
@@ -301,6 +312,46 @@ def captured_aux(intermediates: nnx.State, /) -> list[MoEAux]:
     """
     leaves = jax.tree.leaves(intermediates, is_leaf=lambda v: isinstance(v, MoEAux))
     return [leaf for leaf in leaves if isinstance(leaf, MoEAux)]
+
+
+#: The names of the metrics :func:`aux_metrics` reports (``metrics.jsonl``, the progress line).
+AUX_LOSS, BALANCE_LOSS, Z_LOSS, EXPERT_LOAD, DROPPED = (
+    "moe_aux_loss",
+    "moe_balance_loss",
+    "moe_z_loss",
+    "expert_load",
+    "moe_dropped",
+)
+
+
+def aux_metrics(aux: list[MoEAux], /) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """What a training loss adds (the sum of every layer's ``aux.loss``) and the metrics to log.
+
+    Metrics: ``moe_aux_loss`` (that sum), ``moe_balance_loss`` and ``moe_z_loss`` (means over
+    the MoE layers), ``expert_load`` (``(n_moe_layers, n_experts)``: each layer's fraction of
+    routed (token, choice) pairs per expert) and ``moe_dropped`` (pairs dropped, all layers).
+
+    Example:
+        >>> moe = MoE(16, 32, n_experts=4, rngs=nnx.Rngs(0))
+        >>> _, found = nnx.capture(moe, nnx.Intermediate)(jnp.ones((2, 3, 16)))
+        >>> term, metrics = aux_metrics(captured_aux(found))
+        >>> metrics["expert_load"].shape, bool(term == metrics["moe_aux_loss"])
+        ((1, 4), True)
+    """
+
+    # a scanned stack of blocks gives one MoEAux whose fields are stacked (layers, ...)
+    def per_layer(field: str) -> jax.Array:
+        return jnp.concatenate([jnp.reshape(getattr(a, field), (-1,)) for a in aux])
+
+    total = jnp.sum(per_layer("loss"))
+    load = jnp.concatenate([jnp.reshape(a.expert_load, (-1, a.expert_load.shape[-1])) for a in aux])
+    return total, {
+        AUX_LOSS: total,
+        BALANCE_LOSS: jnp.mean(per_layer("load_balancing_loss")),
+        Z_LOSS: jnp.mean(per_layer("z_loss")),
+        EXPERT_LOAD: load,
+        DROPPED: jnp.sum(per_layer("dropped")).astype(jnp.float32),
+    }
 
 
 def _check_config(features, hidden, n_experts, top_k, n_shared, capacity_factor) -> None:

@@ -17,9 +17,8 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +37,8 @@ from jmp.layers import (
     named_param,
 )
 from jmp.layers import context_parallel as cp
+from jmp.layers.remat import Remat, checkpointed, normalize_remat, remat_problem
+from jmp.models.experts import ExpertsConfig, make_moe
 
 MODEL_SIZES: dict[str, dict[str, Any]] = {
     # small enough for 8 simulated CPU devices on 2 cores
@@ -56,12 +57,19 @@ _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(ExpertsConfig):
     """Sizes and numerics of a :class:`GPT`; validated on creation.
+
+    A mixture of experts with ``n_experts > 0`` (the fields of
+    :class:`~jmp.models.experts.ExpertsConfig`: ``top_k``, ``n_shared_experts``, ``moe_every``,
+    ``moe_d_ff``, ``capacity_factor``, the two loss weights): those blocks' MLPs are SwiGLU
+    experts.
 
     Attributes:
         dtype: compute dtype (``'bfloat16'`` on GPUs); parameters are kept in ``param_dtype``.
-        remat: recompute each block's activations in the backward pass (saves memory).
+        remat: what each block keeps for the backward pass, one of
+            :data:`jmp.layers.remat.REMAT_POLICIES` (``True`` is ``'full'``: recompute the
+            block; ``False`` is ``'none'``).
         mode: ``'auto'`` or ``'manual'`` collectives in every parallel layer.
         cp_impl: context-parallel attention, ``'ring'`` or ``'allgather'`` (used under ``cp``
             strategies: :mod:`jmp.layers.context_parallel`).
@@ -77,12 +85,13 @@ class GPTConfig:
     d_ff: int | None = None  # default 4 * d_model
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: Remat = False
     mode: Mode = "auto"
     cp_impl: cp.CpImpl = "ring"
     cp_load_balance: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "remat", normalize_remat(self.remat))
         problems = [
             f"{name}={getattr(self, name)!r} must be a positive int"
             for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads")
@@ -101,6 +110,9 @@ class GPTConfig:
             problems.append(f"cp_impl={self.cp_impl!r} must be one of {CP_IMPLS}")
         if not isinstance(self.cp_load_balance, bool):
             problems.append(f"cp_load_balance={self.cp_load_balance!r} must be True or False")
+        if remat_problem(self.remat):
+            problems.append(str(remat_problem(self.remat)))
+        problems += self.expert_problems()
         if problems:
             raise ConfigError("Invalid GPTConfig: " + "; ".join(problems) + ".")
 
@@ -119,20 +131,29 @@ class GPTConfig:
             raise ConfigError(f"Unknown model size {name!r}; known: {', '.join(MODEL_SIZES)}.")
         return cls(**{**MODEL_SIZES[name], **overrides})
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def num_params(self) -> int:
-        """Parameter count (embeddings included)."""
+        """Parameter count (embeddings included; every expert of a mixture of experts)."""
+        return self._count(active=False)
+
+    def num_active_params(self) -> int:
+        """Parameters one token uses: a MoE block counts its router, ``top_k`` routed experts
+        and the shared ones (equals :meth:`num_params` for a dense model)."""
+        return self._count(active=True)
+
+    def _count(self, *, active: bool) -> int:
         d, f, v = self.d_model, self.hidden, self.vocab_size
-        block = 3 * d * d + d * d + d + 2 * d * f + f + d + 2 * d
-        return v * d + self.seq_len * d + self.n_layers * block + d + d * v
+        mlp = 2 * d * f + f + d
+        block = 3 * d * d + d * d + d + mlp + 2 * d
+        moe = self.moe_params(d, f)[1 if active else 0] - mlp  # a MoE block's instead of mlp
+        blocks = self.n_layers * block + self.moe_layers(self.n_layers) * moe
+        return v * d + self.seq_len * d + blocks + d + d * v
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); with ``moe`` the
+    MLP is a mixture of experts."""
 
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs) -> None:
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, moe: bool = False) -> None:
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         mode: Mode = cfg.mode
         self.norm1 = RMSNorm(cfg.d_model, param_dtype=pdtype)
@@ -146,13 +167,20 @@ class Block(nnx.Module):
             rngs=rngs,
         )
         self.norm2 = RMSNorm(cfg.d_model, param_dtype=pdtype)
-        self.mlp = ParallelMLP(
-            cfg.d_model, cfg.hidden, mode=mode, dtype=dtype, param_dtype=pdtype, rngs=rngs
+        self.mlp = (
+            make_moe(
+                cfg, cfg.d_model, cfg.hidden, mode=mode, dtype=dtype, param_dtype=pdtype, rngs=rngs
+            )
+            if moe
+            else ParallelMLP(
+                cfg.d_model, cfg.hidden, mode=mode, dtype=dtype, param_dtype=pdtype, rngs=rngs
+            )
         )
 
     def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
         x = x + self.attn(self.norm1(x), segment_ids=segment_ids)
-        return constrain(x + self.mlp(self.norm2(x)), ("batch", "seq", "embed"))
+        y = cast(jax.Array, self.mlp(self.norm2(x)))  # a MoE sows its aux losses (nnx.capture)
+        return constrain(x + y, ("batch", "seq", "embed"))
 
 
 class GPT(nnx.Module):
@@ -166,7 +194,9 @@ class GPT(nnx.Module):
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs) -> None:
         self._init_embedding(cfg, rngs)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.blocks = nnx.List(
+            [Block(cfg, rngs=rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.n_layers)]
+        )
         self._init_output(cfg, rngs)
 
     # The two ends are shared with jmp.pipeline.PipelinedGPT, which stacks the blocks instead;
@@ -264,8 +294,8 @@ class GPT(nnx.Module):
         """Embeddings and every block: the final hidden state ``(batch, seq, d_model)``."""
         x = self.embed_tokens(tokens, positions)
         for block in self.blocks:
-            if self.cfg.remat:
-                x = nnx.remat(lambda b, h: b(h, segment_ids=segment_ids))(block, x)
-            else:
-                x = block(x, segment_ids=segment_ids)
+            apply = checkpointed(
+                lambda b, h: b(h, segment_ids=segment_ids), self.cfg.remat, module=True
+            )
+            x = apply(block, x)
         return x

@@ -32,7 +32,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +57,10 @@ from jmp.layers import (
 )
 from jmp.layers import context_parallel as cp
 from jmp.layers.base import activation_names
+from jmp.layers.moe import MoE, MoEAux
+from jmp.layers.remat import Remat, checkpointed, normalize_remat, remat_problem
 from jmp.losses import cross_entropy
+from jmp.models.experts import ExpertsConfig, make_moe
 from jmp.pipeline.stack import STAGE, check_layers
 from jmp.rules import Rules
 
@@ -110,8 +112,12 @@ def _is_int(v: object) -> bool:
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ExpertsConfig):
     """Sizes and numerics of a :class:`Llama`; validated on creation (every problem at once).
+
+    With ``n_experts > 0`` every block's MLP is a mixture of SwiGLU experts (Mixtral; the
+    fields of :class:`~jmp.models.experts.ExpertsConfig`). ``moe_every`` must be 1: the
+    blocks are one scanned stack, so they are all alike.
 
     Attributes:
         d_model, n_layers, n_heads, n_kv_heads, d_ff: Hugging Face's ``hidden_size``,
@@ -125,7 +131,8 @@ class LlamaConfig:
         tie_embeddings: the head is the embedding table transposed (no ``head`` parameter).
         sliding_window: Mistral's attention window (a token sees itself and ``w - 1`` before).
         dtype, param_dtype: compute and parameter dtypes.
-        remat: recompute each block's activations in the backward pass.
+        remat: what each block keeps for the backward pass, one of
+            :data:`jmp.layers.remat.REMAT_POLICIES` (``True``: ``'full'``, ``False``: ``'none'``).
         mode: ``'auto'`` or ``'manual'`` collectives in every parallel layer.
         cp_impl: context-parallel attention, ``'ring'`` or ``'allgather'`` (used under ``cp``
             strategies: :mod:`jmp.layers.context_parallel`).
@@ -153,7 +160,7 @@ class LlamaConfig:
     sliding_window: int | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: Remat = False
     mode: Mode = "auto"
     cp_impl: cp.CpImpl = "ring"
     cp_load_balance: bool = True
@@ -161,6 +168,7 @@ class LlamaConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # from to_dict() / JSON
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        object.__setattr__(self, "remat", normalize_remat(self.remat))
         problems = self._problems()
         if problems:
             raise ConfigError("Invalid LlamaConfig: " + "; ".join(problems) + ".")
@@ -195,7 +203,7 @@ class LlamaConfig:
             problems.append(f"sliding_window={self.sliding_window!r} must be a positive int")
         if self.cp_impl not in CP_IMPLS:
             problems.append(f"cp_impl={self.cp_impl!r} must be one of {CP_IMPLS}")
-        for name in ("qkv_bias", "tie_embeddings", "remat", "cp_load_balance"):
+        for name in ("qkv_bias", "tie_embeddings", "cp_load_balance"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be True or False")
         for name in ("dtype", "param_dtype"):
@@ -203,6 +211,14 @@ class LlamaConfig:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of {_DTYPES}")
         if self.mode not in ("auto", "manual"):
             problems.append(f"mode={self.mode!r} must be 'auto' or 'manual'")
+        if remat_problem(self.remat):
+            problems.append(str(remat_problem(self.remat)))
+        problems += self.expert_problems()
+        if self.n_experts and self.moe_every != 1:
+            problems.append(
+                f"moe_every={self.moe_every} must be 1 (Llama's blocks are one scanned stack, "
+                f"all alike; jmp's GPT mixes dense and MoE blocks)"
+            )
         return problems
 
     @property
@@ -217,16 +233,21 @@ class LlamaConfig:
             raise ConfigError(f"Unknown Llama size {name!r}; known: {', '.join(LLAMA_SIZES)}.")
         return cls(**{**LLAMA_SIZES[name], **overrides})
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able values (``LlamaConfig(**cfg.to_dict())`` gives it back)."""
-        return dataclasses.asdict(self)
-
     def num_params(self) -> int:
-        """Parameter count, embeddings (and the head unless tied) included."""
+        """Parameter count, embeddings (and the head unless tied) included; every expert."""
+        return self._count(active=False)
+
+    def num_active_params(self) -> int:
+        """Parameters one token uses (a MoE counts its router, ``top_k`` routed experts and
+        the shared ones; :meth:`num_params` for a dense model)."""
+        return self._count(active=True)
+
+    def _count(self, *, active: bool) -> int:
         d, f, v, D = self.d_model, self.d_ff, self.vocab_size, self.head_size
         H, K = self.n_heads, self.n_kv_heads
         attn = d * H * D * 2 + d * K * D * 2 + ((H + 2 * K) * D if self.qkv_bias else 0)
-        block = attn + 3 * d * f + 2 * d
+        mlp = self.moe_params(d, f)[1 if active else 0] if self.n_experts else 3 * d * f
+        block = attn + mlp + 2 * d
         return v * d + self.n_layers * block + d + (0 if self.tie_embeddings else d * v)
 
 
@@ -253,8 +274,20 @@ class LlamaBlock(nnx.Module):
             rngs=rngs,
         )
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdtype)
-        self.mlp = GatedMLP(
-            cfg.d_model, cfg.d_ff, mode=cfg.mode, dtype=dtype, param_dtype=pdtype, rngs=rngs
+        self.mlp: GatedMLP | MoE = (
+            make_moe(
+                cfg,
+                cfg.d_model,
+                cfg.d_ff,
+                mode=cfg.mode,
+                dtype=dtype,
+                param_dtype=pdtype,
+                rngs=rngs,
+            )
+            if cfg.n_experts
+            else GatedMLP(
+                cfg.d_model, cfg.d_ff, mode=cfg.mode, dtype=dtype, param_dtype=pdtype, rngs=rngs
+            )
         )
 
     def __call__(
@@ -264,8 +297,24 @@ class LlamaBlock(nnx.Module):
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
     ) -> jax.Array:
+        return self.with_aux(x, segment_ids=segment_ids, positions=positions)[0]
+
+    def with_aux(
+        self,
+        x: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> tuple[jax.Array, MoEAux | None]:
+        """The block's output, and its MoE's auxiliary losses (None for a dense MLP): blocks
+        run inside a ``lax.scan``, where a module cannot sow, so the scan carries them out."""
         x = x + self.attn(self.attn_norm(x), segment_ids=segment_ids, positions=positions)
-        return constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "embed"))
+        aux = None
+        if isinstance(self.mlp, MoE):
+            y, aux = self.mlp(self.mlp_norm(x), return_aux=True)
+        else:
+            y = self.mlp(self.mlp_norm(x))
+        return constrain(x + y, ("batch", "seq", "embed")), aux
 
 
 def _stacked_blocks(
@@ -323,6 +372,11 @@ class Llama(nnx.Module):
         rules: Rules | None = None,
     ) -> None:
         problems = check_layers(cfg.n_layers, num_stages)
+        if cfg.n_experts and num_stages > 1:
+            problems.append(
+                f"a mixture of experts (n_experts={cfg.n_experts}) does not run in a pipeline "
+                f"yet; train it without pp"
+            )
         if problems:
             raise ConfigError("Cannot build Llama: " + "; ".join(problems) + ".")
         self.cfg, self.num_stages = cfg, num_stages
@@ -387,16 +441,18 @@ class Llama(nnx.Module):
         lead = 1 if self.num_stages == 1 else 2  # (stage, layers) -> (layers,) to scan once
         state = jax.tree.map(lambda a: a.reshape(-1, *a.shape[lead:]), state)
 
-        def apply(block: Any, h: jax.Array) -> jax.Array:  # a LlamaBlock (merged)
-            return block(h, segment_ids=segment_ids, positions=positions)
+        def apply(block: Any, h: jax.Array) -> tuple[jax.Array, MoEAux | None]:  # a LlamaBlock
+            return block.with_aux(h, segment_ids=segment_ids, positions=positions)
 
-        if self.cfg.remat:
-            apply = nnx.remat(apply)
+        apply = checkpointed(apply, self.cfg.remat, module=True)
 
-        def body(h: jax.Array, layer: nnx.State) -> tuple[jax.Array, None]:
-            return apply(nnx.merge(graphdef, layer), h), None
+        def body(h: jax.Array, layer: nnx.State) -> tuple[jax.Array, MoEAux | None]:
+            return apply(nnx.merge(graphdef, layer), h)
 
-        return jax.lax.scan(body, x, state)[0]
+        x, aux = jax.lax.scan(body, x, state)
+        if aux is not None and hasattr(self, "__captures__"):  # each field stacked (layers, ...)
+            self.sow(nnx.Intermediate, "moe_aux", aux)
+        return x
 
     def __call__(
         self,

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jmp.errors import ConfigError
+from jmp.layers.remat import Remat
 from jmp.losses import cross_entropy
 from jmp.models.gpt import GPT, Block, GPTConfig
 from jmp.pipeline.split import check_stages
@@ -72,7 +73,7 @@ class PipelinedGPT(GPT):
         return self.cfg.n_layers // self.num_stages
 
     @property
-    def remat(self) -> bool:
+    def remat(self) -> Remat:
         return self.cfg.remat
 
     def embed_inputs(self, batch: tuple[jax.Array, jax.Array]) -> jax.Array:

@@ -161,7 +161,7 @@ class _Stage:
         self.blocks_def = nnx.graphdef(model.blocks)
         self.S = num_stages_of(model.blocks)
         self.M = jax.tree.leaves(batch)[0].shape[0]
-        self.remat = bool(getattr(model, "remat", False))
+        self.remat = getattr(model, "remat", False)  # a policy of jmp.layers.remat
         self.batch = batch
         self.index = jax.lax.axis_index(STAGE)
         # what flows between stages: the shape and dtype of the first stage's input

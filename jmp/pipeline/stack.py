@@ -8,7 +8,8 @@ Any model is pipelinable (by :mod:`jmp.pipeline.run`) when it has
 - ``embed_inputs(batch) -> x``: what the first stage feeds the blocks (one array, e.g.
   ``(rows, seq, d_model)``), from a microbatch (the batch's pytree, fewer rows);
 - ``head_loss(x, batch) -> scalar``: the last stage's mean loss of the blocks' output;
-- optionally ``remat`` (bool): recompute each block's activations in the backward.
+- optionally ``remat``: a policy of :mod:`jmp.layers.remat` (``True``: recompute each block
+  in the backward).
 
 That is the :class:`Pipelinable` protocol. The ``'stage'`` rule (strategies ``pp_*``) shards
 the blocks over the mesh's stage axis, so each stage holds only its own blocks; everything else
@@ -43,6 +44,7 @@ from flax import nnx
 
 from jmp import strategies
 from jmp.errors import ConfigError
+from jmp.layers.remat import Remat, checkpointed
 
 #: The mesh axis (and logical axis name) the stages are split over.
 STAGE = strategies.STAGE_AXIS
@@ -167,19 +169,19 @@ def num_stages_of(blocks: nnx.Module, /) -> int:
 
 
 def run_blocks(
-    graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, /, *, remat: bool = False
+    graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, /, *, remat: Remat = False
 ) -> jax.Array:
-    """Apply blocks whose parameters are stacked on a leading ``layers`` dim, in order."""
+    """Apply blocks whose parameters are stacked on a leading ``layers`` dim, in order;
+    ``remat`` is a policy of :mod:`jmp.layers.remat`."""
 
     def one(layer: nnx.State, h: jax.Array) -> jax.Array:
         return nnx.merge(graphdef, layer)(h)
 
-    if remat:
-        one = jax.checkpoint(one)
+    one = checkpointed(one, remat)
     return jax.lax.scan(lambda h, layer: (one(layer, h), None), x, state)[0]
 
 
-def run_stack(blocks: nnx.Module, x: jax.Array, /, *, remat: bool = False) -> jax.Array:
+def run_stack(blocks: nnx.Module, x: jax.Array, /, *, remat: Remat = False) -> jax.Array:
     """Every block of a :func:`stack_blocks` stack in order on one program (no pipeline).
 
     The reference a pipeline is tested against, and how a pipelinable model's ``__call__``

@@ -36,10 +36,35 @@ class CheckpointError(JmpError):
 
 class _OrbaxErrorFilter(logging.Filter):
     """Drop orbax's own ERROR logs (with tracebacks): :class:`Checkpointer` raises each failure
-    as one :class:`CheckpointError` line instead."""
+    as one :class:`CheckpointError` line instead. Also its "Waiting for previous save to
+    complete took N seconds" warning: on a loaded machine a save can outlast the next
+    ``checkpoint_every`` steps, the wait is correct, and the line would precede (and break)
+    the one line that a failed save gives."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+        if "orbax" not in record.pathname:
+            return True
+        if record.levelno >= logging.ERROR:
+            return False
+        return "Waiting for previous save to complete" not in record.getMessage()
+
+
+def _from_orbax(tb: Any) -> bool:
+    """Whether a traceback passes through orbax's code."""
+    while tb is not None:
+        if "/orbax/" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _OrbaxTaskFilter(logging.Filter):
+    """Drop asyncio's "Task exception was never retrieved" for orbax's read tasks that a
+    failed restore abandoned (each with a traceback, after our one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and _from_orbax(exc.__traceback__))
 
 
 def _quiet_closed_loop(previous: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -70,6 +95,7 @@ def _quiet_orbax() -> None:
     global _QUIETED
     if not _QUIETED:
         logging.getLogger("absl").addFilter(_OrbaxErrorFilter())
+        logging.getLogger("asyncio").addFilter(_OrbaxTaskFilter())
         sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
         _QUIETED = True
 

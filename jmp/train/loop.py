@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from flax import nnx
@@ -24,7 +25,7 @@ from jmp.errors import ConfigError
 from jmp.models.gpt import GPT, GPTConfig
 from jmp.models.llama import LlamaConfig
 from jmp.rules import Rules
-from jmp.sharding import shard_init
+from jmp.sharding import abstract_shardings, shard_init
 from jmp.train.data import TextData
 from jmp.train.progress import plot_losses
 from jmp.train.step import (
@@ -153,6 +154,16 @@ def build_model(model_cfg: GPTConfig, mesh: Mesh, rules: Rules, *, seed: int) ->
     )
 
 
+def check_model(
+    model_cfg: Any, cfg: TrainConfig, mesh: Mesh, rules: Rules, /, *, schedule: ScheduleName
+) -> None:
+    """Raise what building ``model_cfg``'s model on ``mesh`` would (a dim the mesh does not
+    divide, experts the expert axis does not divide, ...), from abstract shapes: nothing is
+    allocated. ``jmp train`` calls it before it writes into a run folder."""
+    check_batch(cfg.batch_size, cfg.microbatches, mesh, rules)
+    abstract_shardings(_parts(model_cfg, cfg, mesh, schedule, None)[0], mesh, rules)
+
+
 def _parts(
     model_cfg: Any, cfg: TrainConfig, mesh: Mesh, schedule: ScheduleName, start: Any
 ) -> tuple[Any, Any, Any, int]:
@@ -166,7 +177,8 @@ def _parts(
         )
     if stages == 1:
         make = start if start is not None else (lambda rngs: GPT(model_cfg, rngs=rngs))
-        return make, next_token_loss, None, cfg.microbatches
+        # validation is the cross-entropy alone (a MoE's auxiliary losses only train)
+        return make, next_token_loss, partial(next_token_loss, aux=False), cfg.microbatches
     from jmp.pipeline import PipelinedGPT, make_loss_fn
 
     def make_pipelined(rngs: nnx.Rngs) -> PipelinedGPT:

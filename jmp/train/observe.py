@@ -20,6 +20,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 
 from jmp.errors import ConfigError
 from jmp.train.speed import Clock
@@ -36,7 +37,12 @@ class TensorBoard:
     def write(self, row: dict[str, float], /) -> None:
         step = int(row["step"])
         for name, value in row.items():
-            if name != "step":
+            if name == "step":
+                continue
+            if isinstance(value, list):  # e.g. expert_load[layer][expert]: one scalar each
+                for index, x in np.ndenumerate(np.asarray(value)):
+                    self.writer.add_scalar(f"{name}/{'.'.join(map(str, index))}", x, step)
+            else:
                 self.writer.add_scalar(name, value, step)
 
     def close(self) -> None:

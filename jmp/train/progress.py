@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from jmp.layers.moe import AUX_LOSS, DROPPED
+
 
 def make_console(progress: Any) -> Any:
     """A ``rich`` console for ``progress=True``, the console given, or None for silence."""
@@ -64,6 +66,10 @@ class ProgressBar:
             info = f"loss {row['loss']:.3f}"
             if "val_loss" in row:
                 info += f" | val {row['val_loss']:.3f}"
+            if AUX_LOSS in row:  # a mixture of experts: its auxiliary loss, drops if any
+                info += f" | aux {row[AUX_LOSS]:.3f}"
+                if row.get(DROPPED):
+                    info += f" | dropped {row[DROPPED]:.0f}"
             if "tokens_per_s" in row:
                 info += f" | {row['tokens_per_s']:,.0f} tok/s"
             if "mfu" in row:
@@ -75,6 +81,21 @@ class ProgressBar:
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def expert_load_table(load: list[list[float]], /, *, step: int) -> str:
+    """Each MoE layer's share of the routed tokens per expert, in percent (1/E is balanced).
+
+    Example:
+        >>> print(expert_load_table([[0.5, 0.25, 0.25, 0.0]], step=3))
+        expert load at step 3 (% of routed tokens; balanced = 25.0)
+          moe layer 0:   50.0  25.0  25.0   0.0
+    """
+    n = len(load[0]) if load else 1
+    lines = [f"expert load at step {step} (% of routed tokens; balanced = {100 / n:.1f})"]
+    for i, shares in enumerate(load):
+        lines.append(f"  moe layer {i}: " + "".join(f"{100 * x:6.1f}" for x in shares))
+    return "\n".join(lines)
 
 
 def plot_losses(history: list[dict[str, float]], path: str, /) -> None:

@@ -40,16 +40,23 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
+from jmp.layers.base import model_rows_share
 from jmp.plan.hardware import DEVICES
 
 # --- counting the forward's matmul FLOPs in its jaxpr -----------------------------------------
 
 
 def _dot_flops(eqn: Any) -> float:
+    """2 x output elements x contracted size; a ``ragged_dot`` (a MoE's grouped matmul) has
+    one output row per real row. Matmuls over padding count only their real rows' share."""
     lhs = eqn.invars[0].aval
-    (contract, _), _ = eqn.params["dimension_numbers"]
+    if eqn.primitive.name == "ragged_dot_general":
+        (contract, _), _ = eqn.params["ragged_dot_dimension_numbers"].dot_dimension_numbers
+    else:
+        (contract, _), _ = eqn.params["dimension_numbers"]
     contracted = math.prod(lhs.shape[d] for d in contract)
-    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * contracted
+    share = model_rows_share(str(eqn.source_info.name_stack))
+    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * contracted * share
 
 
 def _conv_flops(eqn: Any) -> float:
@@ -84,7 +91,7 @@ def jaxpr_flops(jaxpr: Any, /) -> float:
     total = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
-        if name == "dot_general":
+        if name in ("dot_general", "ragged_dot_general"):
             total += _dot_flops(eqn)
         elif name == "conv_general_dilated":
             total += _conv_flops(eqn)

@@ -35,8 +35,8 @@ from jax.typing import ArrayLike
 
 from jmp.context import activate
 from jmp.errors import ConfigError
-from jmp.layers import Mode
-from jmp.losses import cross_entropy, token_losses
+from jmp.layers import Mode, MoE, aux_metrics, captured_aux
+from jmp.losses import token_losses
 from jmp.rules import Rules, axes_tuple
 from jmp.rules import check_batch as check_batch  # re-exported: jmp.train.check_batch
 from jmp.sharding import named_shardings
@@ -85,8 +85,11 @@ class TrainConfig:
             problems.append(f"lr={self.lr!r} must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
-        if self.warmup_steps < 0 or self.clip_norm <= 0 or self.weight_decay < 0:
-            problems.append("warmup_steps and weight_decay must be >= 0, clip_norm > 0")
+        for name in ("warmup_steps", "weight_decay"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)!r} must be >= 0")
+        if self.clip_norm <= 0:
+            problems.append(f"clip_norm={self.clip_norm!r} must be > 0")
         if not problems and self.batch_size % self.microbatches:
             problems.append(
                 f"microbatches={self.microbatches} must divide batch_size={self.batch_size}"
@@ -126,32 +129,75 @@ class TrainState(NamedTuple):
 #: A batch is any pytree of arrays whose leading dimension is the batch (split as the
 #: activation rule for the logical name ``'batch'`` says), e.g. ``(tokens, targets)`` or a dict.
 Batch = Any
-LossFn = Callable[[nnx.Module, Batch], jax.Array]
+#: A loss function: ``loss_fn(model, batch)`` returns the scalar loss, or ``(loss, metrics)``
+#: with ``metrics`` a dict of arrays (scalars or small vectors, e.g. a MoE layer's expert load)
+#: that the step reports beside ``loss`` (averaged over microbatches).
+LossFn = Callable[[nnx.Module, Batch], jax.Array | tuple[jax.Array, dict[str, jax.Array]]]
+#: The metrics every step reports itself; a loss function's metrics may not reuse these names.
+STEP_METRICS = ("loss", "grad_norm", "lr")
+
+
+def split_loss(out: Any, /) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """A loss function's result as ``(loss, metrics)`` (metrics ``{}`` for a plain loss).
+
+    Example:
+        >>> split_loss(jnp.float32(2.0))
+        (Array(2., dtype=float32), {})
+    """
+    if not isinstance(out, tuple):
+        return out, {}
+    loss, metrics = out
+    clash = sorted(set(metrics) & set(STEP_METRICS))
+    if clash:
+        raise ConfigError(
+            f"the loss function's metrics {clash} clash with the step's own {STEP_METRICS}. "
+            f"Fix: rename them."
+        )
+    return loss, dict(metrics)
 
 
 #: What a packed batch (:mod:`jmp.train.data`'s loader) gives the model besides the tokens.
 PACKING_KEYS = ("segment_ids", "positions")
 
 
-def next_token_loss(model: nnx.Module, batch: Batch, /) -> jax.Array:
+def next_token_loss(
+    model: nnx.Module, batch: Batch, /, *, aux: bool = True
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Mean cross-entropy of the model's logits against the targets (vocabulary-parallel).
 
     ``batch`` is ``(inputs, targets)``, or a dict with ``inputs`` and ``targets`` and, for
     packed documents, ``segment_ids`` and ``positions`` (passed to the model) and
     ``loss_mask`` (1 for a token that counts: the mean is over those only, so padding and
     each document's last token, which has no next token, do not count).
+
+    A model with :class:`~jmp.layers.MoE` layers (and ``aux``) adds their auxiliary losses:
+    the result is ``(cross_entropy + aux_loss, metrics)``, with ``metrics`` the cross-entropy
+    (``ce_loss``) and :func:`jmp.layers.aux_metrics`'. ``aux=False``: the cross-entropy only
+    (validation).
     """
     # any model: the mode is read off a GPTConfig-like .cfg when it has one
     mode = cast(Mode, getattr(getattr(model, "cfg", None), "mode", "auto"))
-    if not isinstance(batch, dict):
-        inputs, targets = batch
-        return cross_entropy(model(inputs), targets, mode=mode)
-    extra = {k: batch[k] for k in PACKING_KEYS if k in batch}
-    losses = token_losses(model(batch["inputs"], **extra), batch["targets"], mode=mode)
-    if "loss_mask" not in batch:
-        return jnp.mean(losses)
-    mask = batch["loss_mask"].astype(losses.dtype)
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    if isinstance(batch, dict):
+        inputs, targets = batch["inputs"], batch["targets"]
+        extra = {k: batch[k] for k in PACKING_KEYS if k in batch}
+    else:
+        (inputs, targets), extra = batch, {}
+    routed = aux and any(isinstance(m, MoE) for _, m in nnx.iter_modules(model))
+    found = nnx.State({})
+    if routed:  # the MoE layers sow their auxiliary losses only under nnx.capture
+        logits, found = nnx.capture(model, nnx.Intermediate)(inputs, **extra)
+    else:
+        logits = model(inputs, **extra)
+    losses = token_losses(logits, targets, mode=mode)
+    if isinstance(batch, dict) and "loss_mask" in batch:
+        mask = batch["loss_mask"].astype(losses.dtype)
+        loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    else:
+        loss = jnp.mean(losses)
+    if not routed:
+        return loss
+    term, metrics = aux_metrics(captured_aux(found))
+    return loss + term, {"ce_loss": loss, **metrics}
 
 
 class Step:
@@ -248,8 +294,9 @@ def _accumulate(
     rngs: nnx.State,
     *,
     varying: tuple[str, ...] = (),
-) -> tuple[jax.Array, nnx.State]:
-    """Mean loss and gradients over ``microbatches`` slices of the batch (a ``lax.scan``)."""
+) -> tuple[tuple[jax.Array, dict], nnx.State]:
+    """Mean loss, metrics and gradients over ``microbatches`` slices of the batch (a
+    ``lax.scan``); ``grad_fn`` returns ``((loss, metrics), grads)``."""
     if microbatches == 1:
         return grad_fn(params, batch, rngs)
     # Strided: microbatch i takes rows i, i+m, i+2m...: every data shard contributes its own
@@ -259,15 +306,18 @@ def _accumulate(
 
     def body(carry: tuple, micro: tuple[Batch, jax.Array]) -> tuple[tuple, None]:
         rows, i = micro
-        loss, grads = grad_fn(params, rows, fold_keys(rngs, i))  # other draws per microbatch
-        return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), None
+        out, grads = grad_fn(params, rows, fold_keys(rngs, i))  # other draws per microbatch
+        return jax.tree.map(jnp.add, carry, (out, grads)), None
 
-    loss_sum = jnp.zeros((), jnp.float32)
-    if varying:  # inside _accumulate_once's shard_map each device sums its own losses
-        loss_sum = jax.lax.pcast(loss_sum, varying, to="varying")
-    zeros = (loss_sum, jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(body, zeros, (split, jnp.arange(microbatches)))
-    return loss / microbatches, jax.tree.map(lambda g: g / microbatches, grads)
+    # the sums start at zero, the loss and metrics in the shapes of one microbatch's
+    first = jax.tree.map(lambda a: a[0], split)
+    shapes = jax.eval_shape(lambda *a: grad_fn(*a)[0], params, first, rngs)
+    out = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    if varying:  # inside _accumulate_once's shard_map each device sums its own results
+        out = jax.lax.pcast(out, varying, to="varying")
+    zeros = (out, jax.tree.map(jnp.zeros_like, params))
+    sums, _ = jax.lax.scan(body, zeros, (split, jnp.arange(microbatches)))
+    return jax.tree.map(lambda a: a / microbatches, sums)
 
 
 def reduce_once_axes(mesh: Mesh, rules: Rules, param_shardings: Any, /) -> tuple[str, ...]:
@@ -306,12 +356,12 @@ def _accumulate_once(
     Every device holds the same number of rows, so the mean of means is the global mean.
     """
 
-    def local(params: nnx.State, rows: Batch, rngs: nnx.State) -> tuple[jax.Array, nnx.State]:
+    def local(params: nnx.State, rows: Batch, rngs: nnx.State) -> tuple[tuple, nnx.State]:
         # differentiated as a per-device value: the gradient of a replicated (invariant) input
         # would be psummed by shard_map's autodiff in every microbatch
         params = jax.lax.pcast(params, axes, to="varying")
-        loss, grads = _accumulate(grad_fn, params, rows, microbatches, rngs, varying=axes)
-        return jax.lax.pmean(loss, axes), jax.lax.pmean(grads, axes)
+        out, grads = _accumulate(grad_fn, params, rows, microbatches, rngs, varying=axes)
+        return jax.lax.pmean(out, axes), jax.lax.pmean(grads, axes)
 
     return jax.shard_map(
         local,
@@ -337,7 +387,8 @@ def make_step(
 
     Returns a :class:`Step`; ``step.init_state()`` builds the initial :class:`TrainState` from
     the model's current parameters, with optimizer state sharded like the parameters.
-    Metrics: ``loss``, ``grad_norm`` and (if ``schedule`` is given) ``lr``. An update whose
+    Metrics: ``loss``, ``grad_norm``, (if ``schedule`` is given) ``lr``, and those the loss
+    function returns with its loss (see :data:`LossFn`). An update whose
     loss or gradient norm is not finite is not applied (parameters and optimizer state stay).
     Random draws (dropout) use the model's keys folded with the step (:func:`fold_keys`).
     """
@@ -365,24 +416,26 @@ def make_step(
         else ()
     )
 
-    def loss_of(params: nnx.State, batch: Batch, rngs: nnx.State) -> jax.Array:
+    def loss_of(params: nnx.State, batch: Batch, rngs: nnx.State) -> tuple[jax.Array, dict]:
         # fresh variables at this trace level: drawing a key advances its RngCount in place,
         # which flax allows only for variables made in the current trace (the update is
         # dropped: the next step's keys come from fold_keys, not from the count)
         rngs = jax.tree.map(lambda x: x, rngs)
-        return loss_fn(nnx.merge(graphdef, params, rngs, rest), batch)
+        return split_loss(loss_fn(nnx.merge(graphdef, params, rngs, rest), batch))
 
-    grad_fn = jax.value_and_grad(loss_of)
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         with activate(mesh, rules):
             rngs_now = fold_keys(rngs, state.step)
             if once:
-                loss, grads = _accumulate_once(
+                (loss, extra), grads = _accumulate_once(
                     grad_fn, state.params, batch, microbatches, rngs_now, mesh, once
                 )
             else:
-                loss, grads = _accumulate(grad_fn, state.params, batch, microbatches, rngs_now)
+                (loss, extra), grads = _accumulate(
+                    grad_fn, state.params, batch, microbatches, rngs_now
+                )
             # one global norm for the metric, the guard and jmp's clipping (an extra argument
             # the other transformations ignore): each split array's norm is all-reduced once
             grad_norm = optax.tree.norm(grads)
@@ -398,7 +451,7 @@ def make_step(
         params, opt_state = jax.lax.cond(
             finite, lambda: (params, opt_state), lambda: (state.params, state.opt_state)
         )
-        metrics: dict[str, ArrayLike] = {"loss": loss, "grad_norm": grad_norm}
+        metrics: dict[str, ArrayLike] = {"loss": loss, "grad_norm": grad_norm, **extra}
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         return TrainState(state.step + 1, params, opt_state), metrics
@@ -425,7 +478,7 @@ def make_step(
 
     def forward(params: nnx.State, batch: Batch) -> jax.Array:
         with activate(mesh, rules):
-            return loss_of(params, batch, rngs)
+            return loss_of(params, batch, rngs)[0]
 
     return Step(jitted, mesh, init_state, abstract_state, state_shardings, data_sharding, forward)
 
@@ -443,7 +496,7 @@ def make_eval_step(
         with activate(mesh, rules):
             evaluated = nnx.merge(graphdef, params, rest)
             evaluated.eval()  # deterministic: no dropout (Module.eval sets `deterministic`)
-            return loss_fn(evaluated, batch)
+            return split_loss(loss_fn(evaluated, batch))[0]
 
     jitted = jax.jit(
         evaluate,

@@ -44,13 +44,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jmp.errors import ConfigError, JmpError
+from jmp.layers.moe import EXPERT_LOAD
 from jmp.rules import Rules, check_batch, preset
 from jmp.runtime.distributed import barrier
 from jmp.sharding import param_table, shard_init
 from jmp.train.checkpoint import Checkpointer, CheckpointError
 from jmp.train.data import local_rows
 from jmp.train.observe import RunLog
-from jmp.train.progress import ProgressBar, make_console, plot_losses, say
+from jmp.train.progress import ProgressBar, expert_load_table, make_console, plot_losses, say
 from jmp.train.run_folder import RunFolder, check_new_run, move_aside
 from jmp.train.speed import Speedometer, device_peak
 from jmp.train.step import Batch, LossFn, TrainState, make_eval_step, make_step, merge_params
@@ -257,7 +258,7 @@ def fit(
     def finish(k: int, metrics: dict[str, Any], with_state: bool) -> None:
         """Read step k's metrics (it has run): guard, speed, evaluation, log, checkpoint."""
         nonlocal in_a_row
-        row: dict[str, float] = {"step": k + 1, **{n: float(v) for n, v in metrics.items()}}
+        row: dict[str, Any] = {"step": k + 1, **{n: _number(v) for n, v in metrics.items()}}
         bad = next((m for m in ("loss", "grad_norm") if not math.isfinite(row[m])), None)
         if bad:
             in_a_row += 1
@@ -271,6 +272,8 @@ def fit(
         if with_state and evaluate and _evaluates(k, steps, eval_every):
             with log.clock.paused():  # throughput is training only
                 row["val_loss"] = evaluate(state.params)
+            if EXPERT_LOAD in row and console is not None and _is_main():
+                say(console, expert_load_table(row[EXPERT_LOAD], step=k + 1))
         history.append(row)
         log.write(row, state)
         if with_state and ckpt and _checkpoints(k, checkpoint_every):
@@ -323,6 +326,12 @@ def fit(
     if out_dir and _is_main():
         plot_losses(result.history, os.path.join(out_dir, "loss.png"))
     return result
+
+
+def _number(value: Any) -> float | list:
+    """A metric as JSON has it: a float, or nested lists of floats (a MoE's expert load)."""
+    value = np.asarray(value)
+    return float(value) if value.ndim == 0 else value.astype(float).tolist()
 
 
 def _evaluates(k: int, steps: int, eval_every: int | None) -> bool:
