@@ -260,10 +260,24 @@ def test_num_params_counts_the_built_model(overrides):
         ("llama3-70b", 70_553_706_496),
         ("mistral-7b", 7_241_732_096),
         ("qwen2.5-7b", 7_615_616_512),
+        ("mixtral-8x7b", 46_702_792_704),
+        # the card's 14,315,784,192 less the shared experts' sigmoid gates jmp has not
+        # (a 2048-vector in each of the 24 layers)
+        ("qwen1.5-moe-a2.7b", 14_315_784_192 - 24 * 2048),
     ],
 )
 def test_published_sizes_have_their_published_parameter_counts(name, published):
     assert LlamaConfig.named(name).num_params() == published
+
+
+@pytest.mark.parametrize("name,active", [("mixtral-8x7b", 12.9), ("qwen1.5-moe-a2.7b", 2.7)])
+def test_moe_sizes_have_their_published_active_parameters(name, active):
+    """The model cards' active parameters (billions, one decimal): "12.9B", "A2.7B"."""
+    cfg = LlamaConfig.named(name)
+    assert round(cfg.num_active_params() / 1e9, 1) == active
+    # and the count is the built model's (abstract shapes of a 2-layer model of that width)
+    small = LlamaConfig.named(name, n_layers=2, vocab_size=512)
+    assert small.num_params() == _count(nnx.eval_shape(lambda: Llama(small, rngs=nnx.Rngs(0))))
 
 
 def test_named_sizes_and_dict_round_trip():

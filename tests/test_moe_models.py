@@ -283,5 +283,9 @@ def test_cli_inspect_shows_the_all_to_alls_over_expert():
         "--mesh", "expert=8", "--batch", "8",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+    cfg = GPTConfig.named("tiny", n_experts=8, moe_every=2)
+    assert f"({cfg.num_params():,} params, {cfg.num_active_params():,} active per token)" in (
+        " ".join(done.stdout.split())
+    )
     rows = [line for line in done.stdout.splitlines() if "all-to-all" in line]
     assert rows and all("expert" in line for line in rows), done.stdout

@@ -42,8 +42,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     check_batch(args.batch, args.microbatches, mesh, rules)
     abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
     console = Console(width=None if sys.stdout.isatty() else 120)
+    active = f", {cfg.num_active_params():,} active per token" if cfg.n_experts else ""
     console.print(
-        f"[bold]jmp inspect[/] model={args.model} ({cfg.num_params():,} params) "
+        f"[bold]jmp inspect[/] model={args.model} ({cfg.num_params():,} params{active}) "
         f"strategy={args.strategy} mesh={mesh_text} batch={args.batch}x{cfg.seq_len}"
     )
     step = make_step(

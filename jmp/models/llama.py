@@ -100,6 +100,18 @@ LLAMA_SIZES: dict[str, dict[str, Any]] = {
     # use_sliding_window false, untied
     "qwen2.5-7b": _hf(152064, 3584, 28, 28, 4, 18944, rope_theta=1e6, norm_eps=1e-6,
                       qkv_bias=True, seq_len=4096),
+    # mistralai/Mixtral-8x7B-v0.1: num_local_experts 8, num_experts_per_tok 2 (weights
+    # renormalized), rope_theta 1e6, rms_norm_eps 1e-5, untied; 46.7B parameters, 12.9B active
+    "mixtral-8x7b": _hf(32000, 4096, 32, 32, 8, 14336, rope_theta=1e6, norm_eps=1e-5,
+                        seq_len=8192, n_experts=8, top_k=2),
+    # Qwen/Qwen1.5-MoE-A2.7B, a fine-grained MoE with shared experts (DeepSeek-MoE's design):
+    # 60 experts of moe_intermediate_size 1408, 4 per token, shared_expert_intermediate_size
+    # 5632 (= 4 shared experts of 1408), q/k/v biases, rope_theta 1e6, rms_norm_eps 1e-6.
+    # Shaped like it, not equal: jmp renormalizes the top-k weights (Qwen's norm_topk_prob is
+    # false) and has no sigmoid gate on the shared experts (2048 parameters a layer)
+    "qwen1.5-moe-a2.7b": _hf(151936, 2048, 24, 16, 16, 5632, rope_theta=1e6, norm_eps=1e-6,
+                             qkv_bias=True, seq_len=4096, n_experts=60, top_k=4,
+                             n_shared_experts=4, moe_d_ff=1408),
 }
 # fmt: on
 
