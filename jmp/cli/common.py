@@ -258,10 +258,11 @@ def start_devices(n: int) -> None:
     import jax
 
     import jmp.runtime.distributed
-    from jmp.devices import simulate_cpu_devices
+    from jmp.devices import simulate_cpu_devices, use_gpu_xla_flags
 
     if jmp.runtime.distributed.is_initialized():
         return  # every process's devices are started, and checked against the mesh
+    use_gpu_xla_flags()  # where a GPU may be: collectives overlapping compute
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms in ("", "cpu"):
         simulate_cpu_devices(n)

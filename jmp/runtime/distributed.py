@@ -153,6 +153,9 @@ def initialize(
     if _cluster is not None:
         return _already(settings)
     _check_backend_not_started()
+    from jmp.devices import use_gpu_xla_flags
+
+    use_gpu_xla_flags()  # where a GPU may be: collectives overlapping compute
     if settings.local_devices is not None:
         from jmp.devices import simulate_cpu_devices
 
