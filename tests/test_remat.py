@@ -73,3 +73,28 @@ def test_old_and_new_spellings_are_one_config():
     assert GPTConfig(remat="dots").to_dict()["remat"] == "dots"
     with pytest.raises(ConfigError, match=r"remat='some' must be True, False or one of"):
         LlamaConfig(remat="some")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_mixture_of_experts_under_remat_keeps_its_losses(name):
+    """The MoE's aux losses leave the recomputed block (GPT: sown; Llama: the scan's output)."""
+    experts = dict(n_experts=4, moe_every=2 if name == "gpt" else 1)
+    cfgs = {
+        "gpt": lambda remat: GPTConfig(**SIZES, **experts, remat=remat),
+        "llama": lambda remat: LlamaConfig(**SIZES, n_kv_heads=2, d_ff=48, **experts, remat=remat),
+    }
+    cls = GPT if name == "gpt" else Llama
+    results = []
+    for remat in ("none", "full"):
+        graphdef, params = nnx.split(cls(cfgs[name](remat), rngs=nnx.Rngs(0)))
+
+        def loss(p, graphdef=graphdef):
+            return next_token_loss(nnx.merge(graphdef, p), BATCH)
+
+        results.append(jax.value_and_grad(loss, has_aux=True)(params))
+    ((loss_full, metrics), grads), ((loss_none, ref_metrics), ref_grads) = results[1], results[0]
+    np.testing.assert_allclose(loss_full, loss_none, rtol=1e-6)
+    assert float(ref_metrics["moe_aux_loss"]) > 0
+    np.testing.assert_allclose(metrics["moe_aux_loss"], ref_metrics["moe_aux_loss"], rtol=1e-6)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
