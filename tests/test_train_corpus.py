@@ -8,7 +8,12 @@ wrong combinations are one-line refusals that leave the run folder as it was.
 
 import json
 import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -145,3 +150,35 @@ def test_two_processes_train_the_corpus_as_one_and_resume_in_one(corpus, whole, 
     done = run_jmp("train", *RUN, "--data", corpus, "--out", two, "--resume", timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     np.testing.assert_allclose(_losses(two), _losses(whole), rtol=1e-5)
+
+
+def test_sigkill_at_a_random_step_then_resume_sees_the_same_batches(corpus, tmp_path):
+    """A real kill (not a removed checkpoint): the resumed run's losses equal an uninterrupted
+    run's bitwise, so the loader gave it the very batches it would have seen."""
+    args = [*RUN[:4], "--steps", "24", "--checkpoint-every", "4", "--sample", "0"]
+    args += ["--data", corpus]
+    whole = str(tmp_path / "whole")
+    done = run_jmp("train", *args, "--out", whole, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed = str(tmp_path / "killed")
+    kill_after = random.Random().randint(6, 14)  # between checkpoints or on one
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jmp.cli", "train", *args, "--out", killed],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    metrics, deadline = os.path.join(killed, "metrics.jsonl"), time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        committed = os.path.exists(os.path.join(killed, "checkpoints", "4", "commit_success.txt"))
+        if committed and os.path.exists(metrics) and len(open(metrics).readlines()) >= kill_after:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert len(_losses(killed)) < 24
+    resumed = run_jmp("train", *args, "--out", killed, "--resume", timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _losses(killed) == _losses(whole)
