@@ -9,7 +9,8 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from contextlib import AbstractContextManager
+from typing import Any, Literal
 
 import jax
 from flax import nnx
@@ -50,7 +51,7 @@ def activation_names(ndim: int, *feature_names: str | None) -> tuple[str | None,
 MODEL_ROWS_SCOPE = "model_rows_"
 
 
-def model_rows(real: int, padded: int, /) -> jax.named_scope:
+def model_rows(real: int, padded: int, /) -> AbstractContextManager[Any]:
     """The name scope that marks matmuls over ``padded`` rows of which ``real`` count.
 
     Example:

@@ -422,7 +422,7 @@ class Llama(nnx.Module):
         )
 
     @property
-    def remat(self) -> bool:
+    def remat(self) -> Remat:
         return self.cfg.remat
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:

@@ -222,7 +222,8 @@ def estimate(
     seq = cfg.seq_len if seq_len is None else seq_len
     _check_inputs(cfg, strategy, mesh_shape, batch_size, seq, microbatches, optimizer, schedule)
     dev = get_device(device)
-    remat = cfg.remat if remat is None else remat
+    # any policy but none is modelled as full remat (every block recomputed)
+    remat = bool(cfg.remat) if remat is None else remat
     pb = param_bytes or _itemsize(cfg.param_dtype)
     cb = compute_bytes or _itemsize(cfg.dtype)
     amesh = AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape))

@@ -347,7 +347,7 @@ def _accumulate_once(
     rngs: nnx.State,
     mesh: Mesh,
     axes: tuple[str, ...],
-) -> tuple[jax.Array, nnx.State]:
+) -> tuple[tuple[jax.Array, dict], nnx.State]:
     """:func:`_accumulate`, manual over the pure data axes: one gradient mean per step.
 
     Left to the partitioner, each microbatch's gradients are all-reduced over the data axes
