@@ -27,3 +27,30 @@ def set_unwritable(path: str, on: bool) -> bool:
         return True
     flag = "+i" if on else "-i"
     return subprocess.run(["chattr", flag, path], capture_output=True).returncode == 0
+
+
+def train_then_sigkill(args: list[str], out: str, *, checkpoint: int, after_steps: int) -> None:
+    """Run ``jmp train ARGS --out OUT`` and SIGKILL it once checkpoint ``checkpoint`` is
+    committed and ``metrics.jsonl`` holds ``after_steps`` rows (asserting it was still running).
+    """
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jmp.cli", "train", *args, "--out", out],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 240
+    commit = os.path.join(out, "checkpoints", str(checkpoint), "commit_success.txt")
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(commit) and os.path.exists(metrics):
+            with open(metrics) as f:
+                if len(f.readlines()) >= after_steps:
+                    break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

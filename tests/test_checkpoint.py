@@ -5,10 +5,6 @@ import os
 import random
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -21,7 +17,7 @@ from jmp.train import TrainConfig, make_eval_step, make_optimizer, make_step
 from jmp.train.checkpoint import Checkpointer, CheckpointError
 from jmp.train.data import TextData
 from jmp.train.loop import run_training
-from tests.cli_util import run_jmp
+from tests.cli_util import run_jmp, train_then_sigkill
 
 TINY = ["--model", "tiny", "--batch", "8", "--eval-every", "100", "--sample", "0"]
 
@@ -50,23 +46,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, make_mesh):
 
     killed = str(tmp_path / "killed")
     kill_after = random.Random().randint(6, 20)  # a random step, between checkpoints or not
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jmp.cli", "train", *args, "--out", killed],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    metrics = os.path.join(killed, "metrics.jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        committed = os.path.exists(os.path.join(killed, "checkpoints", "4", "commit_success.txt"))
-        if committed and os.path.exists(metrics) and len(open(metrics).readlines()) >= kill_after:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    train_then_sigkill(args, killed, checkpoint=4, after_steps=kill_after)
     assert len(_losses(killed)) < steps
     print(f"killed after {len(_losses(killed))} logged steps")
 

@@ -10,10 +10,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -23,7 +19,7 @@ import jmp
 from jmp.models import GPT, GPTConfig
 from jmp.train import next_token_loss
 from jmp.train.data import Loader, batch_sharding, prepare
-from tests.cli_util import run_jmp
+from tests.cli_util import run_jmp, train_then_sigkill
 
 RUN = [
     "--model",
@@ -162,22 +158,7 @@ def test_sigkill_at_a_random_step_then_resume_sees_the_same_batches(corpus, tmp_
     assert done.returncode == 0, done.stderr[-2000:]
     killed = str(tmp_path / "killed")
     kill_after = random.Random().randint(6, 14)  # between checkpoints or on one
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jmp.cli", "train", *args, "--out", killed],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    metrics, deadline = os.path.join(killed, "metrics.jsonl"), time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        committed = os.path.exists(os.path.join(killed, "checkpoints", "4", "commit_success.txt"))
-        if committed and os.path.exists(metrics) and len(open(metrics).readlines()) >= kill_after:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    train_then_sigkill(args, killed, checkpoint=4, after_steps=kill_after)
     assert len(_losses(killed)) < 24
     resumed = run_jmp("train", *args, "--out", killed, "--resume", timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
