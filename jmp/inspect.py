@@ -209,12 +209,17 @@ def collectives(compiled: Any, mesh: Mesh | None = None, /) -> list[Collective]:
             shapes = shapes[-1:]  # async start: (operand, result); the result is what moves
         # XLA's combiners fuse independent collectives into one tuple-shaped op: report each
         # operand as its own collective, so counts match the program's logical all-reduces.
-        for shape in shapes:
+        # An all-to-all without split dimensions is one exchange written as a tuple of one
+        # chunk per peer (XLA:CPU's form): one collective of all the chunks' bytes.
+        sizes = [_type_bytes(shape) for shape in shapes]
+        if op.group("kind") == "all-to-all" and "dimensions=" not in line:
+            sizes = [sum(sizes)]
+        for size in sizes:
             found.append(
                 Collective(
                     op.group("kind"),
                     _axes_of(groups, mesh),
-                    _type_bytes(shape),
+                    size,
                     mults.get(current, 1) if current else 1,
                     int(groups.shape[1]) if groups is not None else 0,
                 )

@@ -148,6 +148,11 @@ def test_one_dispatch_and_one_combine_all_to_all_per_moe_layer(make_mesh, name):
     # run once per layer
     want = 2 * cfg.moe_layers(cfg.n_layers) if name == "gpt" else 2
     assert _all_to_alls(compiled) == want
+    # jmp.inspect sees the same exchanges, once each (XLA:CPU writes one as a tuple of a
+    # chunk per peer), executed once per MoE layer (the scan's trip count applied)
+    found = [c for c in jmp.inspect.collectives(compiled, mesh) if c.kind == "all-to-all"]
+    assert len(found) == want and all(c.axes == ("expert",) for c in found)
+    assert sum(c.count for c in found) == 2 * cfg.moe_layers(cfg.n_layers)
 
 
 def test_validation_loss_is_the_cross_entropy_alone(make_mesh):
