@@ -26,6 +26,13 @@ from typing import Any, NoReturn
 from jmp import strategies
 from jmp.errors import ConfigError
 
+#: The options that shape a mixture of experts: option -> (config field, default).
+_EXPERT_SHAPE = {
+    "--top-k": ("top_k", 2),
+    "--shared-experts": ("n_shared_experts", 0),
+    "--moe-every": ("moe_every", 1),
+}
+
 #: The GPT size ``jmp train`` trains without --model.
 DEFAULT_MODEL = "small"
 
@@ -219,18 +226,21 @@ def add_model_args(p: argparse.ArgumentParser, *, model_default: str | None = "s
         "experts (0: a dense model); ep strategies split them over 'expert'",
     )
     p.add_argument(
-        "--top-k", type=positive_int, default=2, help="experts each token goes to (--experts)"
+        "--top-k",
+        type=positive_int,
+        default=_EXPERT_SHAPE["--top-k"][1],
+        help="experts each token goes to (--experts)",
     )
     p.add_argument(
         "--shared-experts",
         type=nonnegative_int,
-        default=0,
+        default=_EXPERT_SHAPE["--shared-experts"][1],
         help="experts every token uses besides its routed ones (DeepSeek-MoE; --experts)",
     )
     p.add_argument(
         "--moe-every",
         type=positive_int,
-        default=1,
+        default=_EXPERT_SHAPE["--moe-every"][1],
         help="every k-th block is a MoE block, the others dense (--experts)",
     )
     p.add_argument(
@@ -327,19 +337,16 @@ def expert_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The mixture-of-experts fields ``--experts``, ``--top-k``, ``--shared-experts`` and
     ``--moe-every`` set (empty for a dense model; the shape options without ``--experts`` are
     refused rather than ignored)."""
-    shape = {"top_k": (args.top_k, 2), "n_shared_experts": (args.shared_experts, 0)}
-    shape["moe_every"] = (args.moe_every, 1)
+    values = {opt: getattr(args, opt[2:].replace("-", "_")) for opt in _EXPERT_SHAPE}
     if not args.experts:
-        given = [
-            f"--{k.replace('n_', '').replace('_', '-')}" for k, (v, d) in shape.items() if v != d
-        ]
+        given = [opt for opt, (_, default) in _EXPERT_SHAPE.items() if values[opt] != default]
         if given:
             raise ConfigError(
                 f"{', '.join(given)} shape a mixture of experts, but --experts is 0 (a dense "
                 f"model). Fix: add --experts N (e.g. --experts 8), or drop {', '.join(given)}."
             )
         return {}
-    return {"n_experts": args.experts, **{k: v for k, (v, _) in shape.items()}}
+    return {"n_experts": args.experts, **{_EXPERT_SHAPE[o][0]: v for o, v in values.items()}}
 
 
 def gpt_config(args: argparse.Namespace) -> Any:

@@ -54,11 +54,11 @@ def normalize_remat(value: Remat, /) -> Remat:
     return value
 
 
-def remat_problem(value: object, /) -> str | None:
-    """What is wrong with a ``remat`` value, in words (None if nothing)."""
+def remat_problems(value: object, /) -> list[str]:
+    """What is wrong with a ``remat`` value, in words (empty: nothing)."""
     if isinstance(value, bool) or value in REMAT_POLICIES:
-        return None
-    return f"remat={value!r} must be True, False or one of {REMAT_POLICIES}"
+        return []
+    return [f"remat={value!r} must be True, False or one of {REMAT_POLICIES}"]
 
 
 def _policy(remat: Remat) -> Callable[..., bool] | None:

@@ -85,6 +85,15 @@ class ExpertsConfig:
                 del values[field.name]
         return values
 
+    def pipeline_problems(self, num_stages: int, /) -> list[str]:
+        """A mixture of experts in a pipeline, refused (empty: dense, or no pipeline)."""
+        if not self.n_experts or num_stages <= 1:
+            return []
+        return [
+            f"a mixture of experts (n_experts={self.n_experts}) does not run in a pipeline yet "
+            f"(its all-to-all region does not nest in the stages'); train it without pp"
+        ]
+
     def is_moe_layer(self, layer: int, /) -> bool:
         """Whether block ``layer`` (0-based) has a MoE instead of a dense MLP."""
         return self.n_experts > 0 and (layer + 1) % self.moe_every == 0

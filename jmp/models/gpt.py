@@ -37,7 +37,7 @@ from jmp.layers import (
     named_param,
 )
 from jmp.layers import context_parallel as cp
-from jmp.layers.remat import Remat, checkpointed, normalize_remat, remat_problem
+from jmp.layers.remat import Remat, checkpointed, normalize_remat, remat_problems
 from jmp.models.experts import ExpertsConfig, make_moe
 
 MODEL_SIZES: dict[str, dict[str, Any]] = {
@@ -110,8 +110,7 @@ class GPTConfig(ExpertsConfig):
             problems.append(f"cp_impl={self.cp_impl!r} must be one of {CP_IMPLS}")
         if not isinstance(self.cp_load_balance, bool):
             problems.append(f"cp_load_balance={self.cp_load_balance!r} must be True or False")
-        if remat_problem(self.remat):
-            problems.append(str(remat_problem(self.remat)))
+        problems += remat_problems(self.remat)
         problems += self.expert_problems()
         if problems:
             raise ConfigError("Invalid GPTConfig: " + "; ".join(problems) + ".")
@@ -293,9 +292,9 @@ class GPT(nnx.Module):
     ) -> jax.Array:
         """Embeddings and every block: the final hidden state ``(batch, seq, d_model)``."""
         x = self.embed_tokens(tokens, positions)
+        apply = checkpointed(
+            lambda b, h: b(h, segment_ids=segment_ids), self.cfg.remat, module=True
+        )
         for block in self.blocks:
-            apply = checkpointed(
-                lambda b, h: b(h, segment_ids=segment_ids), self.cfg.remat, module=True
-            )
             x = apply(block, x)
         return x

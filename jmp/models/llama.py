@@ -58,7 +58,7 @@ from jmp.layers import (
 from jmp.layers import context_parallel as cp
 from jmp.layers.base import activation_names
 from jmp.layers.moe import MoE, MoEAux
-from jmp.layers.remat import Remat, checkpointed, normalize_remat, remat_problem
+from jmp.layers.remat import Remat, checkpointed, normalize_remat, remat_problems
 from jmp.losses import cross_entropy
 from jmp.models.experts import ExpertsConfig, make_moe
 from jmp.pipeline.stack import STAGE, check_layers
@@ -223,8 +223,7 @@ class LlamaConfig(ExpertsConfig):
                 problems.append(f"{name}={getattr(self, name)!r} must be one of {_DTYPES}")
         if self.mode not in ("auto", "manual"):
             problems.append(f"mode={self.mode!r} must be 'auto' or 'manual'")
-        if remat_problem(self.remat):
-            problems.append(str(remat_problem(self.remat)))
+        problems += remat_problems(self.remat)
         problems += self.expert_problems()
         if self.n_experts and self.moe_every != 1:
             problems.append(
@@ -383,12 +382,7 @@ class Llama(nnx.Module):
         mesh: Mesh | AbstractMesh | None = None,
         rules: Rules | None = None,
     ) -> None:
-        problems = check_layers(cfg.n_layers, num_stages)
-        if cfg.n_experts and num_stages > 1:
-            problems.append(
-                f"a mixture of experts (n_experts={cfg.n_experts}) does not run in a pipeline "
-                f"yet; train it without pp"
-            )
+        problems = check_layers(cfg.n_layers, num_stages) + cfg.pipeline_problems(num_stages)
         if problems:
             raise ConfigError("Cannot build Llama: " + "; ".join(problems) + ".")
         self.cfg, self.num_stages = cfg, num_stages

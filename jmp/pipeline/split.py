@@ -183,9 +183,4 @@ def check_stages(cfg: GPTConfig, num_stages: int, /, *, uniform: bool = True) ->
     problems = check_layers(cfg.n_layers, num_stages)
     if not uniform:  # a balanced split may be uneven
         problems = [p for p in problems if "not divisible" not in p]
-    if getattr(cfg, "n_experts", 0) and num_stages > 1:
-        problems.append(
-            f"a mixture of experts (n_experts={cfg.n_experts}) does not run in a pipeline yet "
-            f"(its all-to-all region does not nest in the stages'); train it without pp"
-        )
-    return problems
+    return problems + cfg.pipeline_problems(num_stages)
