@@ -132,6 +132,42 @@ def param_axis(name: str | None, /) -> MeshAxes:
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
+def sequence_parallel(axis: MeshAxes, /) -> bool:
+    """Whether the current rules also split the residual stream's ``'seq'`` dim over the
+    tensor-parallel ``axis`` (sequence parallelism, the ``sp`` kind).
+
+    A tensor-parallel layer on ``axis`` then all-gathers its input's sequence (column-parallel)
+    or reduce-scatters its output over the sequence (row-parallel) instead of all-reducing it.
+    """
+    rules, shape = current_rules(), current_mesh_shape()
+    if rules is None or axis is None:
+        return False
+    seq = tuple(a for a in axes_tuple(rules.activations_dict.get("seq")) if shape.get(a, 1) > 1)
+    return bool(seq) and seq == axes_tuple(axis)
+
+
+def batch_axes() -> MeshAxes:
+    """The mesh axes (not manual here) that the current rules split the ``'batch'`` activation
+    dim over; None when none or nothing is active."""
+    spec = activation_spec(("batch",))
+    return spec[0] if spec is not None and len(spec) else None
+
+
+def check_sequence_split(seq: int, axis: MeshAxes, /) -> None:
+    """Raise a one-line :class:`~jmp.ConfigError` unless ``axis`` divides a ``seq``-token
+    sequence (sequence parallelism splits it over ``axis``)."""
+    ways = 1
+    for a in axes_tuple(axis):
+        ways *= current_mesh_shape().get(a, 1)
+    if seq % ways:
+        where = " x ".join(repr(a) for a in axes_tuple(axis))
+        raise ConfigError(
+            f"sequence of {seq} tokens does not split over {where} of size {ways} "
+            f"(sequence parallelism, sp). Fix: a sequence length that is a multiple of {ways}, "
+            f"or the strategy without sp."
+        )
+
+
 def activation_spec(names: Sequence[str | None], /) -> PartitionSpec | None:
     """Strictly resolve activation names with the current rules; None when nothing is active."""
     rules = current_rules()

@@ -284,6 +284,7 @@ def preset(strategy: str, mesh: Mesh | AbstractMesh, /) -> Rules:
     ``dp``            replicated                      batch over ``data``
     ``fsdp``          ``embed`` dim over ``data``     batch over ``data``
     ``tp``            mlp/heads/vocab over ``model``  mlp/heads/vocab over ``model``
+    ``sp`` (with tp)  as ``tp``                       the residual's ``seq`` over ``model``
     ``pp``            ``stage`` dim over ``stage``    ``stage`` over ``stage``
     ``cp``            replicated                      ``seq`` over ``context``
     ``ep``            ``expert`` dim over ``expert``  batch over ``expert`` too

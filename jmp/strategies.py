@@ -76,6 +76,9 @@ class Kind:
         description: one line for help texts and error messages.
         requires: kinds that must be present in the same strategy.
         excludes: kinds that cannot be in the same strategy.
+        refines: the kind whose mesh axis this one reuses instead of adding its own (``sp``
+            splits the sequence over tensor parallelism's ``'model'`` axis between the
+            tensor-parallel regions); it must be in the same strategy.
     """
 
     name: str
@@ -86,6 +89,7 @@ class Kind:
     description: str = ""
     requires: tuple[str, ...] = ()
     excludes: tuple[str, ...] = ()
+    refines: str | None = None
 
 
 # 'kv_heads' (grouped-query attention's key/value heads) splits like 'heads'; a model whose kv
@@ -135,6 +139,20 @@ KINDS: tuple[Kind, ...] = (
         description="tensor parallel (Megatron): mlp, heads and vocab dims over 'model'",
     ),
     Kind(
+        "sp",
+        "model",
+        # only the residual stream names its sequence dim 'seq'; inside the tensor-parallel
+        # regions (heads, mlp) the sequence is whole again
+        activations={"seq": "model"},
+        description="sequence parallel (Megatron, with tp): between the tensor-parallel "
+        "regions the sequence over 'model' (reduce-scatter and all-gather, no all-reduce)",
+        requires=("tp",),
+        refines="tp",
+        # the pipeline's stages and context parallelism's region run the model in a shard_map
+        # of their own, and the MoE layer's all-to-all region expects whole sequences
+        excludes=("pp", "ep", "cp"),
+    ),
+    Kind(
         "cp",
         "context",
         activations={"seq": "context"},
@@ -159,7 +177,7 @@ class Strategy:
     @property
     def axes(self) -> tuple[str, ...]:
         """The mesh axes the strategy splits over, outermost first."""
-        return tuple(k.axis for k in self.kinds)
+        return tuple(k.axis for k in self.kinds if k.refines is None)
 
     @property
     def pipelined(self) -> bool:
@@ -176,8 +194,9 @@ class Strategy:
 
     def default_mesh(self) -> str:
         """The mesh the CLI uses without ``--mesh``: each kind's share, the last takes the rest."""
-        sizes = [k.default_size for k in self.kinds[:-1]] + [-1]
-        return ",".join(f"{k.axis}={n}" for k, n in zip(self.kinds, sizes, strict=True))
+        own = [k for k in self.kinds if k.refines is None]
+        sizes = [k.default_size for k in own[:-1]] + [-1]
+        return ",".join(f"{k.axis}={n}" for k, n in zip(own, sizes, strict=True))
 
     def describe(self) -> str:
         return "; ".join(k.description for k in self.kinds)
@@ -208,7 +227,8 @@ def _problems(parts: list[str]) -> list[str]:
     kinds = [KINDS_BY_NAME[p] for p in parts]
     by_axis: dict[str, list[str]] = {}
     for k in kinds:
-        by_axis.setdefault(k.axis, []).append(k.name)
+        if k.refines is None:  # a refining kind shares the axis of the kind it refines
+            by_axis.setdefault(k.axis, []).append(k.name)
     problems += [
         f"{' and '.join(ns)} both use mesh axis {a!r}" for a, ns in by_axis.items() if len(ns) > 1
     ]

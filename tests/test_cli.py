@@ -180,13 +180,15 @@ def test_pipeline_strategy_trains_and_generates(tmp_path):
     assert bad.returncode == 2 and "stages exceed n_layers=2" in bad.stderr
 
 
-def test_context_parallel_run_equals_the_data_parallel_one(tmp_path):
-    # the same GPT, batches and seed under dp_cp (sequence over 'context') and under dp: the
-    # loss curve is the same up to float rounding (attention is exact over the whole sequence)
+def test_sequence_split_runs_equal_the_data_parallel_one(tmp_path):
+    # the same GPT, batches and seed under dp_cp (sequence over 'context'), dp_tp_sp (the
+    # residual's sequence over 'model') and dp: the loss curve is the same up to float
+    # rounding (attention is exact over the whole sequence)
     args = ["--model", "tiny", "--batch", "8", "--steps", "3", "--sample", "0", "--eval-every", "3"]
     runs = {}
     for name, extra in {
         "cp": ["--strategy", "dp_cp", "--mesh", "data=2,context=4", "--cp-impl", "allgather"],
+        "sp": ["--strategy", "dp_tp_sp", "--mesh", "data=2,model=4"],
         "dp": ["--strategy", "dp", "--mesh", "data=8"],
     }.items():
         out = str(tmp_path / name)
@@ -195,7 +197,13 @@ def test_context_parallel_run_equals_the_data_parallel_one(tmp_path):
         with open(os.path.join(out, "metrics.jsonl")) as f:
             runs[name] = [json.loads(line)["loss"] for line in f]
     assert runs["cp"] == pytest.approx(runs["dp"], rel=1e-5)
-    bad = run_jmp("train", *args, "--strategy", "cp", "--mesh", "context=8", "--seq", "60",
-                  "--out", str(tmp_path / "bad"))  # fmt: skip
-    assert bad.returncode == 2 and "does not split into 2 x context = 16 chunks" in bad.stderr
-    assert "Traceback" not in bad.stderr and not os.path.exists(tmp_path / "bad")
+    assert runs["sp"] == pytest.approx(runs["dp"], rel=1e-5)
+    for strategy, mesh, text in (
+        ("cp", "context=8", "does not split into 2 x context = 16 chunks"),
+        ("tp_sp", "model=8", "does not split over 'model' of size 8 (sequence parallelism"),
+    ):
+        bad = run_jmp("train", *args, "--strategy", strategy, "--mesh", mesh, "--seq", "60",
+                      "--out", str(tmp_path / "bad"))  # fmt: skip
+        assert bad.returncode == 2 and text in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+        assert not os.path.exists(tmp_path / "bad")

@@ -9,8 +9,8 @@ import jmp
 from jmp import strategies
 from jmp.cli import _parser
 
-# Written out by hand, independently of the registry: what the kinds dp, fsdp, ep, tp, pp, cp
-# compose to
+# Written out by hand, independently of the registry: what the kinds dp, fsdp, ep, tp, sp, pp,
+# cp compose to
 EXPECTED = {
     "dp": ("data",),
     "fsdp": ("data",),
@@ -23,6 +23,11 @@ EXPECTED = {
     "pp_tp": ("stage", "model"),
     "pp_dp_tp": ("stage", "data", "model"),
     "pp_fsdp_tp": ("stage", "data", "model"),
+    # sequence parallel (sp): tp's axis splits the residual's sequence too; only with tp, not
+    # in pipelines, with cp or ep
+    "tp_sp": ("model",),
+    "dp_tp_sp": ("data", "model"),
+    "fsdp_tp_sp": ("data", "model"),
     # context parallel (cp): the sequence over 'context'; not inside pipelines
     "cp": ("context",),
     "dp_cp": ("data", "context"),
@@ -59,6 +64,9 @@ def test_names_are_the_compositions():
         ("pp_dp_ep", "ep does not compose with pp"),
         ("ep_cp", "ep does not compose with cp"),
         ("ep_dp", "write 'dp_ep'"),
+        ("dp_sp", "sp needs tp in the same strategy"),
+        ("sp_tp", "write 'tp_sp'"),
+        ("tp_sp_cp", "sp does not compose with cp"),
         ("zero3", "unknown kind"),
         ("", "unknown kind"),
     ],
@@ -94,7 +102,7 @@ def test_cli_preset_and_planner_read_the_registry(make_mesh):
     # the planner covers the registry except FSDP inside pipeline stages (stated in its docs)
     # and context and expert parallelism (no cost terms yet: jmp.plan.compare reads compiled
     # programs)
-    modelled = {n for n in names if not {"cp", "ep"} & set(n.split("_"))}
+    modelled = {n for n in names if not {"cp", "ep", "sp"} & set(n.split("_"))}
     assert set(jmp.plan.STRATEGIES) == modelled - {"pp_fsdp", "pp_fsdp_tp"}
     for name in names:
         mesh = make_mesh(strategies.default_mesh(name))
@@ -108,6 +116,7 @@ def test_cli_preset_and_planner_read_the_registry(make_mesh):
         assert (rules.params_dict["mlp"] == "model") == ("tp" in kinds)
         assert (rules.params_dict["stage"] == "stage") == ("pp" in kinds)
         assert (rules.activations_dict["seq"] == "context") == ("cp" in kinds)
+        assert (rules.activations_dict["seq"] == "model") == ("sp" in kinds)
 
 
 def test_default_meshes():

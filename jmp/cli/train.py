@@ -187,6 +187,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         check_no_experts(cfg)
         check_layout(cfg.seq_len, mesh.shape["context"], balanced=cfg.cp_load_balance)
+    if "sp" in args.strategy.split("_"):  # likewise: the sequence splits over 'model'
+        from jmp.context import check_sequence_split
+        from jmp.layers.moe import SEQUENCE_PARALLEL_REFUSAL
+
+        if getattr(cfg, "n_experts", 0):
+            raise jmp.ConfigError(SEQUENCE_PARALLEL_REFUSAL)
+        with jmp.activate(mesh, rules):
+            check_sequence_split(cfg.seq_len, jmp.strategies.KINDS_BY_NAME["sp"].axis)
     out = os.path.abspath(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
     out = jmp.runtime.distributed.same_on_all(out)  # the processes may start a second apart
     folder = RunFolder(out)

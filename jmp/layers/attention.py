@@ -26,6 +26,7 @@ from jmp.layers.base import (
     check_mode,
     default_kernel_init,
     named_param,
+    residual_names,
 )
 from jmp.layers.linear import (
     column_parallel_matmul,
@@ -145,7 +146,7 @@ class ParallelAttention(nnx.Module):
         y = row_parallel_matmul(
             o, self.out[...].astype(dtype), n_contract=2, axis=axis, mode=self.mode
         )
-        y = constrain(y, activation_names(y.ndim, "embed"))
+        y = constrain(y, residual_names(y.ndim, "embed"))
         return y if self.out_bias is None else y + self.out_bias[...].astype(y.dtype)
 
 
@@ -361,4 +362,4 @@ class GroupedQueryAttention(nnx.Module):
         out = row_parallel_matmul(
             o, self.o.kernel[...].astype(dtype), n_contract=2, axis=axis, mode=self.mode
         )
-        return constrain(out, activation_names(out.ndim, "embed"))
+        return constrain(out, residual_names(out.ndim, "embed"))

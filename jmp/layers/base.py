@@ -44,6 +44,19 @@ def activation_names(ndim: int, *feature_names: str | None) -> tuple[str | None,
     return (("batch",) + (None,) * (lead - 1) if lead > 0 else ()) + tuple(feature_names)
 
 
+def residual_names(ndim: int, feature: str | None) -> tuple[str | None, ...]:
+    """('batch', 'seq', None, ..., feature): an activation of the residual stream, whose sequence
+    dim (the second) sequence parallelism splits; without a sequence dim, :func:`activation_names`.
+
+    Example:
+        >>> residual_names(3, "embed"), residual_names(2, "embed")
+        (('batch', 'seq', 'embed'), ('batch', 'embed'))
+    """
+    if ndim < 3:
+        return activation_names(ndim, feature)
+    return ("batch", "seq") + (None,) * (ndim - 3) + (feature,)
+
+
 #: The name scope of matmuls over padded rows: ``model_rows_R_of_P`` says that P rows are
 #: computed of which R are real (a mixture of experts' capacity slots). The speed meter
 #: (:mod:`jmp.train.speed`) counts R/P of those FLOPs as model FLOPs: padding is work done,

@@ -66,11 +66,17 @@ def check_impl(impl: object) -> None:
 
 
 def context_axis() -> str | None:
-    """The mesh axis (size > 1) the current rules split the ``'seq'`` activation dim over."""
+    """The mesh axis (size > 1) the current rules split the ``'seq'`` activation dim over.
+
+    An axis that also splits parameters is not a context axis: that is sequence parallelism
+    (``sp``), whose tensor-parallel layers gather and scatter the sequence themselves.
+    """
     rules, shape = current_rules(), current_mesh_shape()
     if rules is None or not shape:
         return None
-    axes = [a for a in axes_tuple(rules.activations_dict.get("seq")) if shape.get(a, 1) > 1]
+    tensor = {a for entry in rules.params_dict.values() for a in axes_tuple(entry)}
+    seq = axes_tuple(rules.activations_dict.get("seq"))
+    axes = [a for a in seq if shape.get(a, 1) > 1 and a not in tensor]
     if len(axes) > 1:
         raise ConfigError(f"'seq' may split over one mesh axis, the rules give {tuple(axes)}.")
     return axes[0] if axes else None

@@ -13,7 +13,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jmp.context import constrain, param_axis
+from jmp.context import (
+    batch_axes,
+    check_sequence_split,
+    constrain,
+    param_axis,
+    sequence_parallel,
+)
 from jmp.layers.base import (
     Initializer,
     Mode,
@@ -21,6 +27,7 @@ from jmp.layers.base import (
     check_mode,
     default_embedding_init,
     named_param,
+    residual_names,
 )
 from jmp.rules import MeshAxes, axes_tuple
 
@@ -62,7 +69,7 @@ class ParallelEmbed(nnx.Module):
         axis = param_axis(self.names[0])
         if axis is None:
             y = jnp.take(table, ids, axis=0)
-        elif self.mode == "auto":
+        elif self.mode == "auto" and not sequence_parallel(axis):  # sp is explicit
             # A one-hot contraction over the split vocabulary is a row-parallel product: the
             # partitioner computes local partial sums and all-reduces them (no table gather).
             one_hot = jax.nn.one_hot(ids, self.num_embeddings, dtype=table.dtype)
@@ -71,18 +78,28 @@ class ParallelEmbed(nnx.Module):
             )
         else:
             y = _manual_lookup(ids, table, axis)
-        return constrain(y, activation_names(y.ndim, self.names[1]))
+        return constrain(y, residual_names(y.ndim, self.names[1]))
 
 
 def _manual_lookup(ids: jax.Array, table: jax.Array, axis: MeshAxes) -> jax.Array:
     axes = axes_tuple(axis)
+    # under sequence parallelism the rows' sum is a reduce-scatter over the sequence, in a
+    # region manual over the batch axes too (else XLA gathers the batch around it)
+    scatter = ids.ndim >= 2 and sequence_parallel(axis)
+    batch = None
+    if scatter:
+        check_sequence_split(ids.shape[1], axis)
+        batch = batch_axes()
 
     def block(ids_: jax.Array, table_i: jax.Array) -> jax.Array:
         start = jax.lax.axis_index(axes) * table_i.shape[0]
         # one_hot of an id outside this slice is a zero row: ids held elsewhere contribute 0.
         # A contraction (not a gather) also keeps the backward a local matmul, no scatter.
         one_hot = jax.nn.one_hot(ids_ - start, table_i.shape[0], dtype=table_i.dtype)
-        return jax.lax.psum(jnp.tensordot(one_hot, table_i, 1), axes)
+        rows = jnp.tensordot(one_hot, table_i, 1)
+        if scatter:
+            return jax.lax.psum_scatter(rows, axes, scatter_dimension=1, tiled=True)
+        return jax.lax.psum(rows, axes)
 
     # Gather the table's other splits (FSDP's 'embed' over 'data') before the manual region:
     # left to the partitioner, it gathers the far larger one-hot activations instead.
@@ -90,7 +107,7 @@ def _manual_lookup(ids: jax.Array, table: jax.Array, axis: MeshAxes) -> jax.Arra
     return jax.shard_map(
         block,
         mesh=jax.sharding.get_abstract_mesh(),
-        in_specs=(P(), P(axis)),
-        out_specs=P(),
-        axis_names=set(axes),
+        in_specs=(P(batch), P(axis)),
+        out_specs=P(batch, axis) if scatter else P(),
+        axis_names=set(axes) | set(axes_tuple(batch)),
     )(ids, table)

@@ -8,12 +8,20 @@ Example:
 
 from __future__ import annotations
 
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jmp.context import constrain, param_axis
+from jmp.context import (
+    batch_axes,
+    check_sequence_split,
+    constrain,
+    param_axis,
+    sequence_parallel,
+)
 from jmp.errors import ConfigError
 from jmp.layers.base import (
     Initializer,
@@ -22,8 +30,22 @@ from jmp.layers.base import (
     check_mode,
     default_kernel_init,
     named_param,
+    residual_names,
 )
 from jmp.rules import MeshAxes, axes_tuple
+
+
+def _sequence_split(x: jax.Array, n_contract: int, axis: MeshAxes) -> MeshAxes | bool:
+    """Under sequence parallelism, the mesh axes of ``x``'s batch (a ``(batch, seq, ...,
+    features)`` operand, its sequence split over ``axis``), else False.
+
+    The region then is manual over the batch axes too: in a region manual over 'model' only,
+    XLA's partitioner gathers the whole batch around every sequence all-gather/reduce-scatter.
+    """
+    if x.ndim - n_contract < 2 or not sequence_parallel(axis):
+        return False
+    check_sequence_split(x.shape[1], axis)
+    return batch_axes()
 
 
 def row_parallel_matmul(
@@ -32,23 +54,37 @@ def row_parallel_matmul(
     """Contract the last ``n_contract`` dims of ``x`` with the first of ``w``, split over ``axis``.
 
     The first contracted dim is split over ``axis``; the partial products are summed with one
-    all-reduce (``psum``) over it, so the result is whole on every device of that axis.
+    all-reduce (``psum``) over it, so the result is whole on every device of that axis. Under
+    sequence parallelism (``sp``) the sum is a reduce-scatter (``psum_scatter``) over the
+    sequence instead: the same sum, each device keeping its slice of the sequence. Sequence
+    parallelism is explicit in both modes: XLA:CPU's partitioner, given only the annotations,
+    all-reduces and slices instead of reduce-scattering.
     """
-    if axis is None or mode == "auto":
+    if axis is None or (mode == "auto" and not sequence_parallel(axis)):
         return jnp.tensordot(x, w, n_contract)
     lead = x.ndim - n_contract
     x_spec = P(*(None,) * lead, axis)
     w_spec = P(axis)
+    axes = axes_tuple(axis)
+    batch = _sequence_split(x, n_contract, axis)
 
     def block(x_i: jax.Array, w_i: jax.Array) -> jax.Array:
-        return jax.lax.psum(jnp.tensordot(x_i, w_i, n_contract), axes_tuple(axis))
+        partial = jnp.tensordot(x_i, w_i, n_contract)
+        if batch is False:
+            return jax.lax.psum(partial, axes)
+        return jax.lax.psum_scatter(partial, axes, scatter_dimension=1, tiled=True)
 
+    if batch is not False:  # x's sequence is whole, its batch split: P(batch, None, ..., axis)
+        x_spec = P(batch, *x_spec[1:])
+        out_spec, names = P(batch, axis), set(axes) | set(axes_tuple(cast(MeshAxes, batch)))
+    else:
+        out_spec, names = P(), set(axes)
     return jax.shard_map(
         block,
         mesh=jax.sharding.get_abstract_mesh(),
         in_specs=(x_spec, w_spec),
-        out_specs=P(),
-        axis_names=set(axes_tuple(axis)),
+        out_specs=out_spec,
+        axis_names=names,
     )(x, w)
 
 
@@ -65,22 +101,37 @@ def column_parallel_matmul(
     """Contract like :func:`row_parallel_matmul`, with an output dim of ``w`` split instead.
 
     Each device computes its block of output features: no communication in the forward pass
-    (the backward pass sums the input's gradient over ``axis``: one all-reduce).
+    (the backward pass sums the input's gradient over ``axis``: one all-reduce). Under sequence
+    parallelism (``sp``) the input arrives split over the sequence and is all-gathered first
+    (its gradient's sum is then a reduce-scatter).
 
     Args:
         split_dim: the dim of ``w`` split over ``axis`` (default: its first output dim).
     """
-    if axis is None or mode == "auto":
+    if axis is None or (mode == "auto" and not sequence_parallel(axis)):
         return jnp.tensordot(x, w, n_contract)
     split_dim = n_contract if split_dim is None else split_dim
     w_spec = P(*(None,) * split_dim, axis)
     y_spec = P(*(None,) * (x.ndim - n_contract + split_dim - n_contract), axis)
+    axes = axes_tuple(axis)
+    batch = _sequence_split(x, n_contract, axis)
+
+    def block(x_: jax.Array, w_i: jax.Array) -> jax.Array:
+        if batch is not False:
+            x_ = jax.lax.all_gather(x_, axes, axis=1, tiled=True)
+        return jnp.tensordot(x_, w_i, n_contract)
+
+    x_spec, names = P(), set(axes)
+    if batch is not False:  # x arrives split over its batch and sequence
+        x_spec = P(batch, axis)
+        y_spec = P(batch, *y_spec[1:])
+        names |= set(axes_tuple(cast(MeshAxes, batch)))
     return jax.shard_map(
-        lambda x_, w_i: jnp.tensordot(x_, w_i, n_contract),
+        block,
         mesh=jax.sharding.get_abstract_mesh(),
-        in_specs=(P(), w_spec),
+        in_specs=(x_spec, w_spec),
         out_specs=y_spec,
-        axis_names=set(axes_tuple(axis)),
+        axis_names=names,
     )(x, w)
 
 
@@ -212,5 +263,6 @@ class RowParallelLinear(_Linear):
         x, w = self._operands(x)
         x = constrain(x, activation_names(x.ndim, self.names[0]))
         y = row_parallel_matmul(x, w, n_contract=1, axis=param_axis(self.names[0]), mode=self.mode)
-        y = constrain(y, activation_names(y.ndim, self.names[1]))  # whole over the tensor axis
+        # whole over the tensor axis (split over the sequence under sp)
+        y = constrain(y, residual_names(y.ndim, self.names[1]))
         return self._add_bias(y)  # after the psum: added once, not once per shard

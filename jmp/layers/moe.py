@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jmp.context import activation_spec, current_mesh_shape, param_axis
+from jmp.context import activation_spec, current_mesh_shape, param_axis, sequence_parallel
 from jmp.errors import ConfigError
 from jmp.layers.base import (
     Initializer,
@@ -55,6 +55,13 @@ from jmp.rules import axes_tuple
 EXPERT = "expert"  # the logical name of the experts' dim; its rule picks the expert-parallel axis
 # fan-in over the input dim of each expert's (in, out) matrix, as lecun_normal does for a dense one
 _expert_init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+#: Why a MoE layer refuses sequence parallelism (the layer and ``jmp train`` raise it).
+SEQUENCE_PARALLEL_REFUSAL = (
+    "A mixture of experts does not run under sequence parallelism (sp) yet: its dispatch "
+    "expects whole sequences. Fix: the strategy without sp (tp, dp_tp, fsdp_tp, ep_tp, ...)."
+)
 
 
 class MoEAux(NamedTuple):
@@ -224,6 +231,8 @@ class MoE(nnx.Module):
     def __call__(
         self, x: jax.Array, *, return_aux: bool = False
     ) -> jax.Array | tuple[jax.Array, MoEAux]:
+        if sequence_parallel(param_axis("mlp")):
+            raise ConfigError(SEQUENCE_PARALLEL_REFUSAL)
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         kernels = [w[...].astype(dtype) for w in (self.gate, self.up, self.down)]
