@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out: Llama, Mistral and Qwen2 folders as sharded jmp models.
+"""Hugging Face checkpoints in and out: Llama, Mistral, Qwen2 and Mixtral folders as sharded
+jmp models (a Mixtral is a :class:`jmp.models.Llama` with a mixture of experts on every block).
 
 - :func:`load` reads a local folder (``config.json``, safetensors, optional ``tokenizer.json``)
   into a :class:`jmp.models.Llama` whose parameters are born sharded: each device's block is

@@ -1,12 +1,22 @@
 """Hugging Face ``config.json`` <-> :class:`jmp.models.llama.LlamaConfig`.
 
-Three architectures share jmp's Llama decoder: ``LlamaForCausalLM`` (grouped-query attention,
-optional Llama 3 rope scaling), ``MistralForCausalLM`` (a sliding attention window) and
-``Qwen2ForCausalLM`` (biases on q/k/v). Both spellings of the rotary settings are read: the
+Four architectures share jmp's Llama decoder: ``LlamaForCausalLM`` (grouped-query attention,
+optional Llama 3 rope scaling), ``MistralForCausalLM`` (a sliding attention window),
+``Qwen2ForCausalLM`` (biases on q/k/v) and ``MixtralForCausalLM`` (Mistral's attention with a
+mixture of experts on every block: :class:`jmp.layers.MoE` routes as Mixtral does, a softmax
+over all ``num_local_experts``, the ``num_experts_per_tok`` largest, their weights renormalized
+to sum to 1, SwiGLU experts, dropless). Both spellings of the rotary settings are read: the
 ``rope_theta`` + ``rope_scaling`` keys of published checkpoints (transformers 4) and the
 ``rope_parameters`` dict transformers 5 writes; :func:`to_hf` writes both, so either version
 loads the folder. Anything the decoder cannot express (another activation, an output-projection
-bias, per-layer sliding windows, another rope type) is refused by name, never ignored.
+bias, per-layer sliding windows, another rope type, router jitter noise) is refused by name,
+never ignored.
+
+Mixtral's ``router_aux_loss_coef`` weighs one load-balancing loss pooled over all layers,
+``top_k`` times Switch's (:class:`jmp.layers.MoEAux`); jmp adds one Switch loss per layer, so
+it becomes ``aux_loss_weight = router_aux_loss_coef * top_k / n_layers`` (the same gradient
+scale; transformers adds it only with ``output_router_logits``), and Mixtral has no router z
+loss (``z_loss_weight=0``). Pass ``aux_loss_weight=`` to :func:`from_hf` to choose otherwise.
 
 Example:
     >>> hf = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 128, "hidden_size": 64,
@@ -17,6 +27,10 @@ Example:
     (2, True, 1000000.0)
     >>> to_hf(cfg, base=hf)["architectures"]
     ['Qwen2ForCausalLM']
+    >>> moe = from_hf({**hf, "architectures": ["MixtralForCausalLM"], "num_local_experts": 8,
+    ...                "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02})
+    >>> moe.n_experts, moe.top_k, moe.qkv_bias, round(moe.aux_loss_weight, 6)
+    (8, 2, False, 0.02)
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ class Architecture:
     model_type: str
     qkv_bias: bool  # Qwen2 always has q/k/v biases; Llama's attention_bias also biases o_proj
     sliding: bool  # reads a sliding attention window
+    experts: bool = False  # a mixture of experts on every block (Mixtral)
 
 
 ARCHITECTURES: Mapping[str, Architecture] = {
@@ -48,6 +63,7 @@ ARCHITECTURES: Mapping[str, Architecture] = {
         Architecture("LlamaForCausalLM", "llama", qkv_bias=False, sliding=False),
         Architecture("MistralForCausalLM", "mistral", qkv_bias=False, sliding=True),
         Architecture("Qwen2ForCausalLM", "qwen2", qkv_bias=True, sliding=True),
+        Architecture("MixtralForCausalLM", "mixtral", qkv_bias=False, sliding=True, experts=True),
     )
 }
 SUPPORTED = ", ".join(ARCHITECTURES)
@@ -118,7 +134,7 @@ def _rope(hf: Mapping[str, Any], problems: list[str]) -> tuple[float, Any]:
 
 
 def _sliding_window(hf: Mapping[str, Any], arch: Architecture, problems: list[str]) -> int | None:
-    if arch.model_type == "mistral":
+    if arch.model_type in ("mistral", "mixtral"):
         return hf.get("sliding_window")
     if arch.model_type != "qwen2" or not hf.get("use_sliding_window"):
         return None
@@ -147,7 +163,43 @@ def _unsupported(hf: Mapping[str, Any], arch: Architecture) -> list[str]:
         problems.append("attention_bias=true (a bias on o_proj too) is not supported")
     if hf.get("mlp_bias"):
         problems.append("mlp_bias=true is not supported")
+    if arch.experts and hf.get("router_jitter_noise"):
+        problems.append(
+            f"router_jitter_noise={hf['router_jitter_noise']} is not supported (jmp's router "
+            f"adds no noise: set it to 0.0)"
+        )
     return problems
+
+
+#: Mixtral's keys for the experts, beyond the dense ones.
+_EXPERT_KEYS = ("num_local_experts", "num_experts_per_tok")
+
+
+def _expert_fields(
+    hf: Mapping[str, Any], arch: Architecture, problems: list[str]
+) -> dict[str, Any]:
+    """The :class:`~jmp.models.experts.ExpertsConfig` fields of a Mixtral config."""
+    if not arch.experts:
+        return {}
+    n, k = hf["num_local_experts"], hf["num_experts_per_tok"]
+    if not (_count(n) and _count(k) and k <= n):
+        problems.append(
+            f"num_experts_per_tok={k!r} and num_local_experts={n!r} must be ints with "
+            f"1 <= num_experts_per_tok <= num_local_experts"
+        )
+        return {}
+    coef = float(hf.get("router_aux_loss_coef", 0.001))  # transformers' default
+    return {
+        "n_experts": n,
+        "top_k": k,
+        "moe_every": 1,
+        "aux_loss_weight": coef * k / hf["num_hidden_layers"],
+        "z_loss_weight": 0.0,
+    }
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 def from_hf(
@@ -173,7 +225,8 @@ def from_hf(
     from jmp.models.llama import LlamaConfig
 
     arch = architecture_of(hf, source=source)
-    missing = [k for k in _REQUIRED if hf.get(k) is None]
+    required = _REQUIRED + (_EXPERT_KEYS if arch.experts else ())
+    missing = [k for k in required if hf.get(k) is None]
     if missing:
         raise ConfigError(
             f"{source} lacks {', '.join(missing)} (needed for {arch.name}). Fix: give a "
@@ -182,6 +235,7 @@ def from_hf(
     problems = _unsupported(hf, arch)
     theta, scaling = _rope(hf, problems)
     window = _sliding_window(hf, arch, problems)
+    experts = _expert_fields(hf, arch, problems)
     if problems:
         raise ConfigError(
             f"Cannot load {arch.name} from {source}: {'; '.join(problems)}. Fix: jmp's Llama "
@@ -207,6 +261,7 @@ def from_hf(
         "sliding_window": window,
         "dtype": dtype,
         "param_dtype": dtype,
+        **experts,
     }
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)})
     if unknown:
@@ -219,6 +274,8 @@ def from_hf(
 
 def default_architecture(cfg: LlamaConfig, /) -> Architecture:
     """The architecture a config without a source folder is written as."""
+    if cfg.n_experts:
+        return ARCHITECTURES["MixtralForCausalLM"]
     if cfg.qkv_bias:
         return ARCHITECTURES["Qwen2ForCausalLM"]
     if cfg.sliding_window is not None:
@@ -235,6 +292,13 @@ def _check_expressible(cfg: LlamaConfig, arch: Architecture) -> None:
         )
     if cfg.sliding_window is not None and not arch.sliding:
         problems.append(f"sliding_window={cfg.sliding_window} but {arch.name} has no window")
+    if bool(cfg.n_experts) != arch.experts:
+        problems.append(
+            f"n_experts={cfg.n_experts} but {arch.name} "
+            f"{'is a mixture of experts' if arch.experts else 'has no experts'}"
+        )
+    if cfg.n_experts and cfg.n_shared_experts:
+        problems.append(f"n_shared_experts={cfg.n_shared_experts} but {arch.name} has none")
     if problems:
         raise ConfigError(
             f"Cannot save as {arch.name}: {'; '.join(problems)}. Fix: save as "
@@ -251,7 +315,7 @@ def _rope_fields(cfg: LlamaConfig) -> dict[str, Any]:
 
 
 def _window_fields(cfg: LlamaConfig, arch: Architecture) -> dict[str, Any]:
-    if arch.model_type == "mistral":
+    if arch.model_type in ("mistral", "mixtral"):
         return {"sliding_window": cfg.sliding_window}
     if arch.model_type == "qwen2":
         sliding = cfg.sliding_window is not None
@@ -263,6 +327,21 @@ def _window_fields(cfg: LlamaConfig, arch: Architecture) -> dict[str, Any]:
             "layer_types": [kind] * cfg.n_layers,
         }
     return {}
+
+
+def _expert_keys(cfg: LlamaConfig, arch: Architecture) -> dict[str, Any]:
+    """Mixtral's expert keys (the inverse of :func:`_expert_fields`); the experts' width is
+    ``intermediate_size`` (a Mixtral block has no dense MLP)."""
+    if not arch.experts:
+        return {}
+    coef = cfg.aux_loss_weight * cfg.n_layers / cfg.top_k
+    return {
+        "intermediate_size": cfg.expert_width(cfg.d_ff),
+        "num_local_experts": cfg.n_experts,
+        "num_experts_per_tok": cfg.top_k,
+        "router_aux_loss_coef": float(f"{coef:.12g}"),  # 0.02, not 0.020000000000000004
+        "router_jitter_noise": 0.0,
+    }
 
 
 def to_hf(
@@ -277,7 +356,8 @@ def to_hf(
 
     Args:
         architecture: the HF class name; default: ``base``'s, else the one ``cfg`` needs
-            (Qwen2 with q/k/v biases, Mistral with a sliding window, else Llama).
+            (Mixtral with experts, Qwen2 with q/k/v biases, Mistral with a sliding window,
+            else Llama).
         base: a config to start from (the loaded folder's): its other keys (token ids,
             ``max_position_embeddings``...) are kept, the model's shape comes from ``cfg``.
         dtype: the dtype recorded (the saved tensors'); default ``cfg.param_dtype``.
@@ -310,5 +390,6 @@ def to_hf(
         **({"attention_bias": False, "mlp_bias": False} if arch.model_type == "llama" else {}),
         **_rope_fields(cfg),
         **_window_fields(cfg, arch),
+        **_expert_keys(cfg, arch),
         "dtype": dtype,
     }

@@ -1,4 +1,5 @@
-"""Load a Hugging Face Llama / Mistral / Qwen2 folder as a sharded :class:`jmp.models.Llama`.
+"""Load a Hugging Face Llama / Mistral / Qwen2 / Mixtral folder as a sharded
+:class:`jmp.models.Llama`.
 
 Parameters go straight into their shardings. The model is built abstractly
 (``nnx.eval_shape``: shapes and logical names, no values), the rules turn the names into
@@ -6,7 +7,9 @@ shardings, and each device's block of each parameter is read from the safetensor
 a sliced read: no process ever holds a whole model, nor a whole stacked parameter, in host
 memory. The most it holds at once is one device's block of one parameter plus the slice of one
 HF tensor being copied into it (a replicated block is read once and copied to every device that
-holds it).
+holds it). A Mixtral's experts are read the same way from either of HF's layouts (one tensor per
+expert, or transformers 5's fused 3-D tensors; :func:`jmp.hf.names.entries_for`): under ``ep``
+each device reads only the experts it holds.
 
 Why not ``jax.make_array_from_callback``: it collects every device's block of a parameter on
 the host before copying any to the devices, so a stacked parameter (``n_layers`` HF tensors)
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -122,8 +125,30 @@ class _Param:
     dtype: Any
 
     @property
-    def layer_shape(self) -> tuple[int, ...]:
-        return self.shape[self.lead :]
+    def experts(self) -> int:
+        """The expert dims after the layer dims that index HF tensors: 1 or 0."""
+        return int(self.entry.per_expert)
+
+    @property
+    def tensor_shape(self) -> tuple[int, ...]:
+        """The jmp shape that one HF tensor makes (no layer dims, nor a per-tensor expert)."""
+        return self.shape[self.lead + self.experts :]
+
+    def tensors(self, index: Sequence[slice]) -> list[tuple[tuple[int, ...], str]]:
+        """(position in the block, HF tensor name) of each HF tensor the block covers."""
+        layers = [(where, layer if self.lead else None) for where, layer in self.layers(index)]
+        if not self.experts:
+            return [(where, self.entry.hf_name(layer)) for where, layer in layers]
+        chosen = range(index[self.lead].start, index[self.lead].stop)
+        return [
+            ((*where, k), self.entry.hf_name(layer, j))
+            for where, layer in layers
+            for k, j in enumerate(chosen)
+        ]
+
+    def all_names(self) -> list[str]:
+        """Every HF tensor name the whole parameter is made of."""
+        return list(dict.fromkeys(n for _, n in self.tensors([slice(0, n) for n in self.shape])))
 
     def layers(self, index: Sequence[slice]) -> list[tuple[tuple[int, ...], int]]:
         """(position in the block, HF layer number) of each layer the block covers."""
@@ -143,11 +168,13 @@ def _path(key: tuple[Any, ...]) -> str:
     return ".".join(str(k) for k in key)
 
 
-def _plan(params: nnx.State, cfg: Any, num_stages: int) -> list[_Param]:
+def _plan(
+    params: nnx.State, num_stages: int, table: Mapping[str, names.Entry] = names.ENTRIES
+) -> list[_Param]:
     plan = []
     for key, variable in nnx.to_flat_state(params):
         path = _path(key)
-        entry = names.ENTRIES.get(path)
+        entry = table.get(path)
         if entry is None:  # the model grew a parameter this table does not know
             raise ConfigError(
                 f"jmp.hf has no Hugging Face name for parameter {path!r}. Fix: add it to "
@@ -159,17 +186,11 @@ def _plan(params: nnx.State, cfg: Any, num_stages: int) -> list[_Param]:
     return plan
 
 
-def _hf_names(param: _Param, cfg: Any) -> list[str]:
-    if param.lead == 0:
-        return [param.entry.hf_name()]
-    return [param.entry.hf_name(i) for i in range(cfg.n_layers)]
-
-
 def check_tensors(plan: list[_Param], ckpt: Checkpoint, cfg: Any, source: str) -> None:
     """Every parameter's tensors exist with the config's shapes; every tensor is mapped."""
     wanted: dict[str, _Param] = {}
     for param in plan:
-        wanted.update(dict.fromkeys(_hf_names(param, cfg), param))
+        wanted.update(dict.fromkeys(param.all_names(), param))
     missing = [n for n in wanted if n not in ckpt]
     if missing:
         raise ConfigError(
@@ -179,11 +200,11 @@ def check_tensors(plan: list[_Param], ckpt: Checkpoint, cfg: Any, source: str) -
             "that matches it (e.g. tie_word_embeddings, the layer count)."
         )
     for name, param in wanted.items():
-        want = names.hf_shape(param.entry, param.layer_shape)
+        want = names.hf_shape(param.entry, param.tensor_shape)
         if ckpt.shape(name) != want:
             raise ConfigError(
                 f"Tensor {name!r} in {ckpt.file_of(name)!r} has shape {ckpt.shape(name)}, but "
-                f"config.json needs {want} (jmp {param.path} {param.layer_shape}). Fix: the "
+                f"config.json needs {want} (jmp {param.path} {param.tensor_shape}). Fix: the "
                 f"config.json that belongs to these weights."
             )
     unmapped = [
@@ -213,11 +234,10 @@ def _reader(param: _Param, ckpt: Checkpoint) -> Callable[[tuple[slice, ...]], np
     def read(index: tuple[slice, ...]) -> np.ndarray:
         block_shape = tuple(s.stop - s.start for s in index)
         out = np.empty(block_shape, dtype=param.dtype)
-        inner = index[param.lead :]
-        for where, layer in param.layers(index):
-            name = param.entry.hf_name(layer if param.lead else None)
+        inner = index[param.lead + param.experts :]
+        for where, name in param.tensors(index):
             value = names.from_hf(
-                param.entry, lambda s, n=name: ckpt.read(n, s), inner, param.layer_shape
+                param.entry, lambda s, n=name: ckpt.read(n, s), inner, param.tensor_shape
             )
             out[where] = value.astype(param.dtype, copy=False)
         return out
@@ -305,7 +325,7 @@ def load(
             "jmp.hf.load reads parameters only, but the model has other state "
             f"{[_path(k) for k, _ in nnx.to_flat_state(rest)]}. Fix: jmp/hf/loader.py."
         )
-    plan = _plan(params, cfg, stages)
+    plan = _plan(params, stages, names.entries_for(ckpt.names()))
     check_tensors(plan, ckpt, cfg, source=path)
     shardings = dict(nnx.to_flat_state(named_shardings(params, rules, mesh)))
     variables = dict(nnx.to_flat_state(params))

@@ -9,6 +9,14 @@ and a jmp array becomes the HF tensor by merging each group and reordering (:fun
 RoPE uses HF's ``rotate_half`` layout, so no row permutation is needed (see
 ``/work/prompts/llama_contract.md``).
 
+A mixture of experts (Mixtral) stacks its experts on a leading ``expert`` dim that HF keeps in
+one of two layouts. The Hub's (what ``save_pretrained`` writes, transformers 4 and 5) is one
+tensor per expert, ``block_sparse_moe.experts.{j}.w1.weight``: an entry whose name has ``{j}``
+maps each expert's slice of the jmp parameter to its own tensor. Transformers 5's in-memory
+layout (``save_pretrained(save_original_format=False)``) fuses them into 3-D tensors, gate and
+up concatenated in ``mlp.experts.gate_up_proj``: an entry with a ``part`` is one of equal
+chunks of an HF dim (:data:`FUSED_EXPERTS`, chosen by :func:`entries_for`).
+
 Example:
     >>> entry = ENTRIES["blocks.attn.q.kernel"]        # q_proj.weight (H*D, d) -> (d, H, D)
     >>> entry.hf_name(3)
@@ -22,12 +30,16 @@ Example:
     True
     >>> np.array_equal(to_hf(entry, w.T.reshape(64, 8, 8)), w)
     True
+    >>> up = FUSED_EXPERTS["blocks.mlp.up"]     # the second half of gate_up_proj (E, 2F, d)
+    >>> hf_shape(up, (4, 64, 32)), hf_index(up, (slice(0, 2), slice(0, 64), slice(0, 32)),
+    ...                                       (4, 64, 32))[1]
+    ((4, 64, 64), slice(32, 64, None))
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +56,10 @@ _IN_HEADS: Layout = ((1, 1), (0, 2))  # (H*D, d) -> (d, H, D)
 _OUT_HEADS: Layout = ((1, 2), (0, 1))  # (d, H*D) -> (H, D, d)
 _VECTOR: Layout = ((0, 1),)
 _HEAD_BIAS: Layout = ((0, 2),)  # (H*D,) -> (H, D)
+_FUSED: Layout = ((0, 1), (2, 1), (1, 1))  # (E, out, in) -> (E, in, out)
+
+#: (HF dim, k, n): the parameter is the k-th of n equal chunks of that HF dim.
+Part = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -51,18 +67,25 @@ class Entry:
     """One jmp parameter path and the HF tensor(s) it is made of."""
 
     path: str  # jmp's nnx state path, joined by '.'
-    hf: str  # the HF name; '{i}' is the layer index for the stacked blocks' parameters
-    layout: Layout
+    hf: str  # the HF name; '{i}' the layer index (stacked blocks), '{j}' the expert index
+    layout: Layout  # of one HF tensor: for a per-expert entry, one expert's (no expert dim)
+    part: Part | None = None  # a chunk of a fused HF tensor (gate and up in gate_up_proj)
 
     @property
     def per_layer(self) -> bool:
         return self.path.startswith(BLOCKS)
 
-    def hf_name(self, layer: int | None = None) -> str:
-        return self.hf.format(i=layer) if self.per_layer else self.hf
+    @property
+    def per_expert(self) -> bool:
+        """One HF tensor per expert: the jmp parameter's first per-layer dim is the expert."""
+        return "{j}" in self.hf
+
+    def hf_name(self, layer: int | None = None, expert: int | None = None) -> str:
+        return self.hf.format(i=layer, j=expert)
 
 
 _LAYER = "model.layers.{i}."
+_MOE = _LAYER + "block_sparse_moe."
 ENTRIES: Mapping[str, Entry] = {
     e.path: e
     for e in (
@@ -81,8 +104,34 @@ ENTRIES: Mapping[str, Entry] = {
         Entry("blocks.mlp.down.kernel", _LAYER + "mlp.down_proj.weight", _LINEAR),
         Entry("norm.scale", "model.norm.weight", _VECTOR),
         Entry("head.kernel", "lm_head.weight", _LINEAR),
+        # Mixtral's router and experts (the Hub layout): jmp's MoE on every block
+        Entry("blocks.mlp.router", _MOE + "gate.weight", _LINEAR),  # (E, d) -> (d, E)
+        Entry("blocks.mlp.gate", _MOE + "experts.{j}.w1.weight", _LINEAR),  # (F, d) -> (d, F)
+        Entry("blocks.mlp.up", _MOE + "experts.{j}.w3.weight", _LINEAR),
+        Entry("blocks.mlp.down", _MOE + "experts.{j}.w2.weight", _LINEAR),  # (d, F) -> (F, d)
     )
 }
+
+#: Transformers 5's fused expert tensors, for the same jmp parameters: the router renamed,
+#: ``gate_up_proj (E, 2F, d)`` (w1 then w3 along dim 1) and ``down_proj (E, d, F)``.
+FUSED_EXPERTS: Mapping[str, Entry] = {
+    e.path: e
+    for e in (
+        Entry("blocks.mlp.router", _LAYER + "mlp.gate.weight", _LINEAR),
+        Entry("blocks.mlp.gate", _LAYER + "mlp.experts.gate_up_proj", _FUSED, part=(1, 0, 2)),
+        Entry("blocks.mlp.up", _LAYER + "mlp.experts.gate_up_proj", _FUSED, part=(1, 1, 2)),
+        Entry("blocks.mlp.down", _LAYER + "mlp.experts.down_proj", _FUSED),
+    )
+}
+
+
+def entries_for(tensor_names: Iterable[str], /) -> Mapping[str, Entry]:
+    """The table for a checkpoint: :data:`ENTRIES`, with :data:`FUSED_EXPERTS` for the experts
+    when the checkpoint holds fused ``gate_up_proj`` tensors."""
+    if any(n.endswith(".mlp.experts.gate_up_proj") for n in tensor_names):
+        return {**ENTRIES, **FUSED_EXPERTS}
+    return ENTRIES
+
 
 #: HF tensors that carry no weight jmp needs: old checkpoints store RoPE's inverse
 #: frequencies as a buffer (jmp computes them from the config).
@@ -106,6 +155,9 @@ def hf_shape(entry: Entry, shape: tuple[int, ...], /) -> tuple[int, ...]:
     dims = [0] * len(entry.layout)
     for hf_dim, start, count in _groups(entry.layout):
         dims[hf_dim] = math.prod(shape[start : start + count])
+    if entry.part is not None:
+        hf_dim, _, n = entry.part
+        dims[hf_dim] *= n
     return tuple(dims)
 
 
@@ -121,7 +173,10 @@ def hf_index(
     for hf_dim, start, count in _groups(entry.layout):
         inner = math.prod(shape[start + 1 : start + count])
         first = index[start]
-        out[hf_dim] = slice(first.start * inner, first.stop * inner)
+        offset = 0
+        if entry.part is not None and entry.part[0] == hf_dim:  # the k-th chunk of that dim
+            offset = entry.part[1] * math.prod(shape[start : start + count])
+        out[hf_dim] = slice(offset + first.start * inner, offset + first.stop * inner)
     return tuple(out)
 
 
@@ -147,7 +202,8 @@ def from_hf(
 
 
 def to_hf(entry: Entry, value: np.ndarray, /) -> np.ndarray:
-    """One layer's whole jmp parameter as the HF tensor (the inverse of :func:`from_hf`)."""
+    """One layer's whole jmp parameter as the HF tensor (the inverse of :func:`from_hf`); for a
+    ``part`` entry, its chunk of the fused tensor."""
     groups = _groups(entry.layout)
     merged = value.reshape([math.prod(value.shape[s : s + c]) for _, s, c in groups])
     order = np.argsort([hf_dim for hf_dim, _, _ in groups])  # jmp's group order -> HF dims

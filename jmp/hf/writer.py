@@ -6,11 +6,12 @@ the weights as safetensors, and the tokenizer when one is given. Above ``max_sha
 weights are split into ``model-0000k-of-0000n.safetensors`` files with a
 ``model.safetensors.index.json``, as ``save_pretrained`` does.
 
-One tensor at a time: each HF tensor (one layer of one stacked parameter) is gathered from the
-devices by a small compiled slice, written, and dropped. The safetensors header is computed
-from the shapes first, so the file is written as a stream and no file's worth of tensors is
-ever in host memory. Several processes: every process takes part in the gathers, the first
-one writes.
+One tensor at a time: each HF tensor (one layer of one stacked parameter; one expert of one
+layer for a Mixtral's experts, in the Hub's per-expert layout that ``save_pretrained`` writes)
+is gathered from the devices by a small compiled slice, written, and dropped. The safetensors
+header is computed from the shapes first, so the file is written as a stream and no file's
+worth of tensors is ever in host memory. Several processes: every process takes part in the
+gathers, the first one writes.
 
 Example:
     >>> import tempfile, os
@@ -84,16 +85,33 @@ def _gather(sharding: Any, dtype: Any) -> Callable[..., jax.Array]:
 
 
 def _fetch(entry: names.Entry, x: jax.Array, where: tuple[int, ...], dtype: np.dtype) -> Any:
-    """The HF tensor of layer ``where`` of ``x`` (all of it for ``()``) on this host."""
+    """The HF tensor at ``where`` (layer, expert) of ``x`` (all of it for ``()``) on this host."""
     layer = _gather(x.sharding, jnp.dtype(dtype))(x, *(np.int32(i) for i in where))
     return names.to_hf(entry, np.asarray(layer.addressable_data(0)))
 
 
+def _parts(
+    entry: names.Entry, shape: tuple[int, ...], n_layers: int, stages: int
+) -> tuple[list[tuple[str, tuple[int, ...]]], tuple[int, ...]]:
+    """(HF name, index of its slice of the jmp parameter) of each HF tensor of ``entry``, and
+    their shape. The stacked dims are ``(layers,)`` or ``(stage, layers)``; a per-expert entry's
+    expert dim follows them."""
+    if not entry.per_layer:
+        return [(entry.hf_name(), ())], names.hf_shape(entry, shape)
+    per = n_layers // stages
+    layers = [(i, (i,) if stages == 1 else (i // per, i % per)) for i in range(n_layers)]
+    skip = 1 if stages == 1 else 2
+    if not entry.per_expert:
+        return [(entry.hf_name(i), where) for i, where in layers], names.hf_shape(
+            entry, shape[skip:]
+        )
+    experts = range(shape[skip])
+    parts = [(entry.hf_name(i, j), (*where, j)) for i, where in layers for j in experts]
+    return parts, names.hf_shape(entry, shape[skip + 1 :])
+
+
 def _tensors(model: Any, dtype: str | None) -> list[_Tensor]:
-    """Every HF tensor of ``model``, in the table's order, each layer its own tensor."""
-    cfg, stages = model.cfg, model.num_stages
-    lead = 1 if stages == 1 else 2  # the stacked dims: (layers,) or (stage, layers)
-    per = cfg.n_layers // stages
+    """Every HF tensor of ``model``, in the table's order, each layer (and expert) its own."""
     flat = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     unknown = sorted(set(flat) - set(names.ENTRIES))
     if unknown:  # never drop a parameter silently
@@ -104,17 +122,11 @@ def _tensors(model: Any, dtype: str | None) -> list[_Tensor]:
     tensors = []
     for path, entry in names.ENTRIES.items():
         if path not in flat:
-            continue  # biases without qkv_bias, the head when tied
+            continue  # biases without qkv_bias, the head when tied, experts of a dense model
         value = flat[path].get_value()
         out = np.dtype(dtype) if dtype else np.dtype(value.dtype)
-        layers: list[tuple[str, tuple[int, ...]]] = [(entry.hf_name(), ())]
-        if entry.per_layer:
-            layers = [
-                (entry.hf_name(i), (i,) if stages == 1 else (i // per, i % per))
-                for i in range(cfg.n_layers)
-            ]
-        shape = names.hf_shape(entry, tuple(value.shape[lead if entry.per_layer else 0 :]))
-        for name, where in layers:
+        parts, shape = _parts(entry, tuple(value.shape), model.cfg.n_layers, model.num_stages)
+        for name, where in parts:
             fetch = functools.partial(_fetch, entry, value, where, out)
             tensors.append(_Tensor(name, shape, out, fetch))
     return tensors
@@ -204,7 +216,10 @@ def save(
         like: a :class:`jmp.hf.Loaded`, a ``config.json`` dict or an HF folder whose
             architecture and other settings (token ids...) the config keeps.
         architecture: the HF class to write; default ``like``'s, else the one the config
-            needs (Qwen2 with q/k/v biases, Mistral with a window, else Llama).
+            needs (Mixtral with experts, Qwen2 with q/k/v biases, Mistral with a window, else
+            Llama). A mixture of experts is written as Mixtral, its experts one tensor each;
+            a ``capacity_factor`` is a training setting and is not written (transformers
+            runs the experts dropless).
         tokenizer: written beside the weights when it is a ``tokenizer.json`` one.
         max_shard_bytes: the largest file; above it the weights are split with an index.
 
@@ -226,10 +241,11 @@ def save(
             f"for the parameters' own."
         )
     folder = os.fspath(path)
+    # the config first: a model the architecture cannot express is refused by what it lacks
+    # (shared experts...), not by the parameters that have no HF name
+    saved = dtype or str(np.dtype(model.embed.embedding.get_value().dtype))
+    config = to_hf(model.cfg, architecture=architecture, base=_base_config(like), dtype=saved)
     tensors = _tensors(model, dtype)
-    config = to_hf(
-        model.cfg, architecture=architecture, base=_base_config(like), dtype=str(tensors[0].dtype)
-    )
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(folder, exist_ok=True)
