@@ -41,6 +41,14 @@ PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 #: models' ``remat`` field and the CLI's ``--remat`` take them).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 
+#: How a parallel layer writes its collectives (:mod:`jmp.layers` implements them; the models'
+#: ``mode`` field and the CLI's ``--mode`` take them): ``'auto'`` (XLA inserts them from
+#: sharding annotations), ``'manual'`` (``jax.shard_map`` with explicit collectives),
+#: ``'collective'`` (manual, and under sequence parallelism each all-gather before a matmul and
+#: reduce-scatter after one is a collective matmul: ring steps of collective-permutes
+#: interleaved with the partial products, which GPUs overlap).
+MODES = ("auto", "manual", "collective")
+
 #: The logical axis names jmp's layers and models use; every rule table has an entry for each.
 LOGICAL_NAMES = (
     "batch",

@@ -371,7 +371,7 @@ def test_kv_heads_name_follows_the_mesh(make_mesh):
         (dict(num_kv_heads=3), "num_kv_heads=3 must divide num_heads=8"),
         (dict(head_dim=5), "head_dim=5 must be even"),
         (dict(sliding_window=0), "sliding_window=0 must be >= 1"),
-        (dict(mode="magic"), "mode must be 'auto' or 'manual'"),
+        (dict(mode="magic"), "mode must be one of ('auto', 'manual', 'collective')"),
     ],
 )
 def test_bad_attention_arguments_are_refused(kwargs, text):

@@ -1,5 +1,6 @@
 """Sequence parallelism (``sp``, with ``tp``): between the tensor-parallel regions the residual
-stream's sequence is split over 'model'.
+stream's sequence is split over 'model'; with ``mode='collective'`` its all-gathers and
+reduce-scatters are collective matmuls (ring steps of collective-permutes).
 
 The oracle is the unsharded model (nothing active), never the code under test: GPT's and
 Llama's loss and every gradient under tp_sp, dp_tp_sp and fsdp_tp_sp (model 2 and 4, both
@@ -41,10 +42,13 @@ CASES = {
         ("tp_sp", "model=4", "manual"),
         ("dp_tp_sp", "data=2,model=4", "auto"),
         ("fsdp_tp_sp", "data=4,model=2", "manual"),
+        ("dp_tp_sp", "data=2,model=4", "collective"),
+        ("tp", "model=4", "collective"),  # without sp, as manual
     ],
     "llama": [
         ("tp_sp", "model=2", "auto"),
         ("fsdp_tp_sp", "data=2,model=2", "manual"),
+        ("fsdp_tp_sp", "data=2,model=2", "collective"),
     ],
 }
 
@@ -94,6 +98,7 @@ def _ring_bytes(c, ways: int) -> float:
         "all-reduce": 2 * share * c.bytes,
         "reduce-scatter": (ways - 1) * c.bytes,  # its result is 1/ways of what it reduces
         "all-gather": share * c.bytes,
+        "collective-permute": c.bytes,  # one step of a ring: its result is what was sent
     }[c.kind]
     return per_op * c.count
 
@@ -133,6 +138,38 @@ def test_reduce_scatters_and_all_gathers_replace_the_all_reduces(spec):
     # and no collective over 'data' appears (the batch stays split through every region)
     assert [c for c in found["tp_sp"] if "data" in c.axes] == [
         c for c in found["tp"] if "data" in c.axes
+    ]
+
+
+@pytest.mark.parametrize("spec", ["data=2,model=4", "model=2"])
+def test_collective_matmuls_are_ring_steps(spec):
+    """Each of sp's all-gathers before a matmul (qkv, MLP up, head) and reduce-scatters after
+    one (attention and MLP outputs) becomes c - 1 collective-permutes of one sequence chunk:
+    the same bytes on a ring; the embedding's reduce-scatter (a one-hot lookup) stays."""
+    mesh = mesh_of(spec)
+    ways, rows = mesh.shape["model"], ROWS // mesh.shape.get("data", 1)
+    rules = jmp.rules.preset(("dp_" if "data" in spec else "") + "tp_sp", mesh)
+    found = {
+        mode: collectives(_compiled_forward(_model("gpt", mode=mode), mesh, rules), mesh)
+        for mode in ("manual", "collective")
+    }
+    cfg = _model("gpt").cfg
+    chunk = rows * (SEQ // ways) * cfg.d_model * 4
+    plain, ring = ([c for c in found[m] if c.axes == ("model",)] for m in found)
+    permutes = [c for c in ring if c.kind == "collective-permute"]
+    assert {c.bytes for c in permutes} == {chunk}, summary(ring)
+    matmuls = 4 * cfg.n_layers + 1  # 2 gathers and 2 scatters per block, and the head's gather
+    assert sum(c.count for c in permutes) == (ways - 1) * matmuls, summary(ring)
+    assert not [c for c in ring if c.kind == "all-gather"], summary(ring)
+    assert sum(c.count for c in ring if c.kind == "reduce-scatter") == 1, summary(ring)
+    sent = {
+        m: sum(_ring_bytes(c, ways) for c in group)
+        for m, group in (("manual", plain), ("collective", ring))
+    }
+    assert sent["manual"] == pytest.approx(sent["collective"]), sent
+    # nothing else changes: not one collective more over 'data'
+    assert [c for c in found["collective"] if "data" in c.axes] == [
+        c for c in found["manual"] if "data" in c.axes
     ]
 
 

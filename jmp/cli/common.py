@@ -203,9 +203,10 @@ def add_model_args(p: argparse.ArgumentParser, *, model_default: str | None = "s
     p.add_argument(
         "--mode",
         default="auto",
-        choices=("auto", "manual"),
+        choices=strategies.MODES,
         help="auto: XLA inserts the collectives from sharding annotations; manual: "
-        "shard_map with explicit psums",
+        "shard_map with explicit psums; collective: manual, with sp's all-gathers and "
+        "reduce-scatters as collective matmuls (ring steps overlapping the partial products)",
     )
     p.add_argument("--dtype", default="float32", help="compute dtype, e.g. bfloat16")
     p.add_argument(

@@ -5,11 +5,18 @@ rows of W and the matching block x_i of the input's features, multiplies them lo
 over the tensor-parallel mesh axis joins the partial sums, and the bias is added once after it.
 A column-parallel layer splits W by output features instead and needs no communication.
 
-Every layer has two modes that must give the same numbers and the same collectives:
+Every layer has modes (:data:`jmp.strategies.MODES`) that must give the same numbers:
 
 - ``mode="manual"``: the psum is written out with ``jax.shard_map`` (partial-manual over the
   tensor axis only, so data axes stay with the compiler).
 - ``mode="auto"``: only sharding annotations; XLA's partitioner inserts the all-reduce.
+- ``mode="collective"``: manual, and under sequence parallelism (``sp``) the all-gather before
+  a column-parallel matmul and the reduce-scatter after a row-parallel one are collective
+  matmuls: c - 1 ring steps (collective-permutes) interleaved with the c partial products, so
+  a GPU overlaps the transfers with the compute. Without ``sp`` it is ``manual``.
+
+Under ``sp`` the sequence collectives are explicit in every mode (XLA:CPU's partitioner,
+given only annotations, all-reduces and slices where a reduce-scatter belongs).
 
 The tensor axis is not a layer argument: it is whatever mesh axis the current rules map the
 split dimension to (``'mlp'`` -> ``'model'`` under ``tp``; -> nothing under ``dp``). Outside

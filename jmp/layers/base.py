@@ -16,8 +16,10 @@ import jax
 from flax import nnx
 
 from jmp.errors import ConfigError
+from jmp.strategies import MODES
 
-Mode = Literal["auto", "manual"]
+Mode = Literal["auto", "manual", "collective"]
+
 Initializer = Callable[..., jax.Array]
 default_kernel_init = nnx.initializers.lecun_normal()
 default_embedding_init = nnx.initializers.normal(0.02)
@@ -34,8 +36,8 @@ def named_param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
 
 
 def check_mode(mode: str) -> None:
-    if mode not in ("auto", "manual"):
-        raise ConfigError(f"mode must be 'auto' or 'manual', got {mode!r}.")
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
 
 
 def activation_names(ndim: int, *feature_names: str | None) -> tuple[str | None, ...]:

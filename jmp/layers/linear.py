@@ -8,7 +8,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import cast
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from jmp.context import (
     batch_axes,
     check_sequence_split,
     constrain,
+    current_mesh_shape,
     param_axis,
     sequence_parallel,
 )
@@ -35,17 +37,85 @@ from jmp.layers.base import (
 from jmp.rules import MeshAxes, axes_tuple
 
 
-def _sequence_split(x: jax.Array, n_contract: int, axis: MeshAxes) -> MeshAxes | bool:
-    """Under sequence parallelism, the mesh axes of ``x``'s batch (a ``(batch, seq, ...,
-    features)`` operand, its sequence split over ``axis``), else False.
+class _SequenceSplit(NamedTuple):
+    """How sequence parallelism splits a ``(batch, seq, ..., features)`` operand."""
 
-    The region then is manual over the batch axes too: in a region manual over 'model' only,
+    batch: MeshAxes  # the batch's mesh axes, manual in the region too
+    ways: int  # the tensor axis's size: the sequence's chunks
+
+
+def _sequence_split(x: jax.Array, n_contract: int, axis: MeshAxes) -> _SequenceSplit | None:
+    """Under sequence parallelism, how ``x``'s sequence (dim 1) is split over ``axis``; else
+    None.
+
+    The region is then manual over the batch axes too: in a region manual over 'model' only,
     XLA's partitioner gathers the whole batch around every sequence all-gather/reduce-scatter.
     """
     if x.ndim - n_contract < 2 or not sequence_parallel(axis):
-        return False
+        return None
     check_sequence_split(x.shape[1], axis)
-    return batch_axes()
+    return _SequenceSplit(
+        batch_axes(), math.prod(current_mesh_shape()[a] for a in axes_tuple(axis))
+    )
+
+
+def _ring(mode: Mode, axes: tuple[str, ...]) -> bool:
+    """Whether to write a sequence collective as a collective matmul (one axis: a ring)."""
+    return mode == "collective" and len(axes) == 1
+
+
+def _varying_once(w: jax.Array, batch: MeshAxes) -> jax.Array:
+    """``w`` marked as varying over the region's batch axes once.
+
+    Each product with a batch-split operand would otherwise mark it anew, and each mark's
+    transpose is its own all-reduce of the weight's gradient over the batch axes: one per
+    ring step instead of one per matmul.
+    """
+    axes = axes_tuple(batch)
+    return jax.lax.pcast(w, axes, to="varying") if axes else w
+
+
+def _gather_then_matmul(
+    x_i: jax.Array, w_i: jax.Array, n_contract: int, axis: str, split: _SequenceSplit
+) -> jax.Array:
+    """``tensordot(all_gather(x_i, seq), w_i)`` as a collective matmul: ``ways`` products of
+    the sequence chunk in hand while the next one travels one step around the ring (``ways -
+    1`` collective-permutes), the results put back in sequence order."""
+    here, ways = jax.lax.axis_index(axis), split.ways
+    w_i = _varying_once(w_i, split.batch)
+    from_next = [(j, (j - 1) % ways) for j in range(ways)]
+    chunk, outs = x_i, []
+    for step in range(ways):  # at this step the chunk in hand is chunk (here + step) % ways
+        if step < ways - 1:
+            incoming = jax.lax.ppermute(chunk, axis, from_next)
+        outs.append(jnp.tensordot(chunk, w_i, n_contract))
+        if step < ways - 1:
+            chunk = incoming
+    # slot k holds chunk (here + k) % ways: rolling by `here` puts chunk c in slot c
+    y = jnp.roll(jnp.stack(outs, axis=1), here, axis=1)
+    return y.reshape(y.shape[0], -1, *y.shape[3:])
+
+
+def _matmul_then_scatter(
+    x_i: jax.Array, w_i: jax.Array, n_contract: int, axis: str, split: _SequenceSplit
+) -> jax.Array:
+    """``psum_scatter(tensordot(x_i, w_i), seq)`` as a collective matmul: a running sum travels
+    around the ring (``ways - 1`` collective-permutes); each device adds its partial product
+    of the chunk the sum is for, the next product computed while the sum travels. After the
+    last step device i holds the whole sum of sequence chunk i."""
+    here, ways = jax.lax.axis_index(axis), split.ways
+    w_i = _varying_once(w_i, split.batch)
+    to_next = [(j, (j + 1) % ways) for j in range(ways)]
+    chunks = x_i.reshape(x_i.shape[0], ways, -1, *x_i.shape[2:])
+    total = None
+    for step in range(ways):  # the sum arriving at this step is for chunk here - 1 - step
+        chunk = jax.lax.dynamic_index_in_dim(chunks, (here + ways - 1 - step) % ways, 1, False)
+        part = jnp.tensordot(chunk, w_i, n_contract)
+        total = part if total is None else total + part
+        if step < ways - 1:
+            total = jax.lax.ppermute(total, axis, to_next)
+    assert total is not None
+    return total
 
 
 def row_parallel_matmul(
@@ -56,9 +126,10 @@ def row_parallel_matmul(
     The first contracted dim is split over ``axis``; the partial products are summed with one
     all-reduce (``psum``) over it, so the result is whole on every device of that axis. Under
     sequence parallelism (``sp``) the sum is a reduce-scatter (``psum_scatter``) over the
-    sequence instead: the same sum, each device keeping its slice of the sequence. Sequence
-    parallelism is explicit in both modes: XLA:CPU's partitioner, given only the annotations,
-    all-reduces and slices instead of reduce-scattering.
+    sequence instead: the same sum, each device keeping its slice of the sequence (with
+    ``mode='collective'``, a collective matmul). Sequence parallelism is explicit in every
+    mode: XLA:CPU's partitioner, given only the annotations, all-reduces and slices instead
+    of reduce-scattering.
     """
     if axis is None or (mode == "auto" and not sequence_parallel(axis)):
         return jnp.tensordot(x, w, n_contract)
@@ -66,19 +137,21 @@ def row_parallel_matmul(
     x_spec = P(*(None,) * lead, axis)
     w_spec = P(axis)
     axes = axes_tuple(axis)
-    batch = _sequence_split(x, n_contract, axis)
+    split = _sequence_split(x, n_contract, axis)
 
     def block(x_i: jax.Array, w_i: jax.Array) -> jax.Array:
+        if split is None:
+            return jax.lax.psum(jnp.tensordot(x_i, w_i, n_contract), axes)
+        if _ring(mode, axes):
+            return _matmul_then_scatter(x_i, w_i, n_contract, axes[0], split)
         partial = jnp.tensordot(x_i, w_i, n_contract)
-        if batch is False:
-            return jax.lax.psum(partial, axes)
         return jax.lax.psum_scatter(partial, axes, scatter_dimension=1, tiled=True)
 
-    if batch is not False:  # x's sequence is whole, its batch split: P(batch, None, ..., axis)
-        x_spec = P(batch, *x_spec[1:])
-        out_spec, names = P(batch, axis), set(axes) | set(axes_tuple(cast(MeshAxes, batch)))
-    else:
-        out_spec, names = P(), set(axes)
+    out_spec, names = P(), set(axes)
+    if split is not None:  # x's sequence is whole, its batch split: P(batch, None, ..., axis)
+        x_spec = P(split.batch, *x_spec[1:])
+        out_spec = P(split.batch, axis)
+        names |= set(axes_tuple(split.batch))
     return jax.shard_map(
         block,
         mesh=jax.sharding.get_abstract_mesh(),
@@ -103,7 +176,8 @@ def column_parallel_matmul(
     Each device computes its block of output features: no communication in the forward pass
     (the backward pass sums the input's gradient over ``axis``: one all-reduce). Under sequence
     parallelism (``sp``) the input arrives split over the sequence and is all-gathered first
-    (its gradient's sum is then a reduce-scatter).
+    (its gradient's sum is then a reduce-scatter); with ``mode='collective'`` the gather and
+    the product are one collective matmul.
 
     Args:
         split_dim: the dim of ``w`` split over ``axis`` (default: its first output dim).
@@ -114,18 +188,20 @@ def column_parallel_matmul(
     w_spec = P(*(None,) * split_dim, axis)
     y_spec = P(*(None,) * (x.ndim - n_contract + split_dim - n_contract), axis)
     axes = axes_tuple(axis)
-    batch = _sequence_split(x, n_contract, axis)
+    split = _sequence_split(x, n_contract, axis)
 
     def block(x_: jax.Array, w_i: jax.Array) -> jax.Array:
-        if batch is not False:
+        if split is not None and _ring(mode, axes):
+            return _gather_then_matmul(x_, w_i, n_contract, axes[0], split)
+        if split is not None:
             x_ = jax.lax.all_gather(x_, axes, axis=1, tiled=True)
         return jnp.tensordot(x_, w_i, n_contract)
 
     x_spec, names = P(), set(axes)
-    if batch is not False:  # x arrives split over its batch and sequence
-        x_spec = P(batch, axis)
-        y_spec = P(batch, *y_spec[1:])
-        names |= set(axes_tuple(cast(MeshAxes, batch)))
+    if split is not None:  # x arrives split over its batch and sequence
+        x_spec = P(split.batch, axis)
+        y_spec = P(split.batch, *y_spec[1:])
+        names |= set(axes_tuple(split.batch))
     return jax.shard_map(
         block,
         mesh=jax.sharding.get_abstract_mesh(),

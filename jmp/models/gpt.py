@@ -39,6 +39,7 @@ from jmp.layers import (
 from jmp.layers import context_parallel as cp
 from jmp.layers.remat import Remat, checkpointed, normalize_remat, remat_problems
 from jmp.models.experts import ExpertsConfig, make_moe
+from jmp.strategies import MODES
 
 MODEL_SIZES: dict[str, dict[str, Any]] = {
     # small enough for 8 simulated CPU devices on 2 cores
@@ -70,7 +71,8 @@ class GPTConfig(ExpertsConfig):
         remat: what each block keeps for the backward pass, one of
             :data:`jmp.layers.remat.REMAT_POLICIES` (``True`` is ``'full'``: recompute the
             block; ``False`` is ``'none'``).
-        mode: ``'auto'`` or ``'manual'`` collectives in every parallel layer.
+        mode: how every parallel layer writes its collectives, one of
+            :data:`jmp.strategies.MODES`.
         cp_impl: context-parallel attention, ``'ring'`` or ``'allgather'`` (used under ``cp``
             strategies: :mod:`jmp.layers.context_parallel`).
         cp_load_balance: under ``cp``, device i holds sequence chunks i and 2c-1-i (equal
@@ -104,8 +106,8 @@ class GPTConfig(ExpertsConfig):
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of {_DTYPES}")
-        if self.mode not in ("auto", "manual"):
-            problems.append(f"mode={self.mode!r} must be 'auto' or 'manual'")
+        if self.mode not in MODES:
+            problems.append(f"mode={self.mode!r} must be one of {MODES}")
         if self.cp_impl not in CP_IMPLS:
             problems.append(f"cp_impl={self.cp_impl!r} must be one of {CP_IMPLS}")
         if not isinstance(self.cp_load_balance, bool):

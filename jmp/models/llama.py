@@ -63,6 +63,7 @@ from jmp.losses import cross_entropy
 from jmp.models.experts import ExpertsConfig, make_moe
 from jmp.pipeline.stack import STAGE, check_layers
 from jmp.rules import Rules
+from jmp.strategies import MODES
 
 _LLAMA3_SCALING = dict(
     factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
@@ -145,7 +146,8 @@ class LlamaConfig(ExpertsConfig):
         dtype, param_dtype: compute and parameter dtypes.
         remat: what each block keeps for the backward pass, one of
             :data:`jmp.layers.remat.REMAT_POLICIES` (``True``: ``'full'``, ``False``: ``'none'``).
-        mode: ``'auto'`` or ``'manual'`` collectives in every parallel layer.
+        mode: how every parallel layer writes its collectives, one of
+            :data:`jmp.strategies.MODES`.
         cp_impl: context-parallel attention, ``'ring'`` or ``'allgather'`` (used under ``cp``
             strategies: :mod:`jmp.layers.context_parallel`).
         cp_load_balance: under ``cp``, device i holds sequence chunks i and 2c-1-i (equal
@@ -221,8 +223,8 @@ class LlamaConfig(ExpertsConfig):
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of {_DTYPES}")
-        if self.mode not in ("auto", "manual"):
-            problems.append(f"mode={self.mode!r} must be 'auto' or 'manual'")
+        if self.mode not in MODES:
+            problems.append(f"mode={self.mode!r} must be one of {MODES}")
         problems += remat_problems(self.remat)
         problems += self.expert_problems()
         if self.n_experts and self.moe_every != 1:
