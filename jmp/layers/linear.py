@@ -86,11 +86,10 @@ def _gather_then_matmul(
     from_next = [(j, (j - 1) % ways) for j in range(ways)]
     chunk, outs = x_i, []
     for step in range(ways):  # at this step the chunk in hand is chunk (here + step) % ways
-        if step < ways - 1:
-            incoming = jax.lax.ppermute(chunk, axis, from_next)
+        # the next chunk is sent for before this one's product: the two can overlap
+        incoming = jax.lax.ppermute(chunk, axis, from_next) if step < ways - 1 else chunk
         outs.append(jnp.tensordot(chunk, w_i, n_contract))
-        if step < ways - 1:
-            chunk = incoming
+        chunk = incoming
     # slot k holds chunk (here + k) % ways: rolling by `here` puts chunk c in slot c
     y = jnp.roll(jnp.stack(outs, axis=1), here, axis=1)
     return y.reshape(y.shape[0], -1, *y.shape[3:])
