@@ -166,9 +166,6 @@ KINDS: tuple[Kind, ...] = (
         activations={"seq": "context"},
         description="context parallel: the sequence of every activation over 'context' "
         "(ring or all-gather attention, exact)",
-        # the pipeline passes whole-sequence activations between stages through its own
-        # shard_map; context parallelism runs the model in a region of its own
-        excludes=("pp",),
     ),
 )
 KINDS_BY_NAME: Mapping[str, Kind] = MappingProxyType({k.name: k for k in KINDS})

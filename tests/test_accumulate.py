@@ -67,3 +67,19 @@ def test_fsdp_keeps_one_reduction_per_microbatch(make_mesh):
     assert jmp.train.step.reduce_once_axes(
         mesh, jmp.rules.preset("dp", mesh), _step(mesh, "dp", M).state_shardings.params
     ) == ("data",)
+
+
+@pytest.mark.parametrize(
+    "strategy, spec", [("dp_cp", "data=2,context=4"), ("dp_tp_sp", "data=2,model=4")]
+)
+def test_accumulation_around_a_region_of_the_model(make_mesh, strategy, spec):
+    """Context parallelism's region and sequence parallelism's layers are shard_maps that jax
+    cannot differentiate inside the reduce-once region: such a step reduces its gradients per
+    microbatch, and still equals the whole batch."""
+    mesh = make_mesh(spec)
+    whole, accumulated = _step(mesh, strategy, 1), _step(mesh, strategy, 2)
+    a, metrics_a = whole(whole.init_state(), _batch(0))
+    b, metrics_b = accumulated(accumulated.init_state(), _batch(0))
+    np.testing.assert_allclose(float(metrics_b["loss"]), float(metrics_a["loss"]), rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)

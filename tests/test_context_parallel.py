@@ -108,8 +108,11 @@ CASES = [
 
 def _check_equal(got, want):
     (loss, grads), (want_loss, want_grads) = got, want
+    _check_leaves(loss, leaves_by_path(grads), want_loss, leaves_by_path(want_grads))
+
+
+def _check_leaves(loss, have, want_loss, ref):
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
-    have, ref = leaves_by_path(grads), leaves_by_path(want_grads)
     assert have.keys() == ref.keys()
     for path, w in ref.items():
         scale = float(np.max(np.abs(w)))
@@ -150,6 +153,63 @@ def test_sliding_window(impl):
     model = _model("llama", sliding_window=5, cp_impl=impl, cp_load_balance=False)
     got = loss_and_grads(model, (tokens()[:, :-1], tokens()[:, 1:]), mesh, rules)
     _check_equal(got, reference("llama", window=5))
+
+
+# (model, strategy, mesh, schedule, cp_impl, load balanced): pipelines with context
+# parallelism inside their stages
+PIPELINE_CASES = [
+    ("gpt", "pp_cp", "stage=2,context=2", "1f1b", "ring", True),
+    ("gpt", "pp_dp_cp", "stage=2,data=2,context=2", "gpipe", "allgather", False),
+    ("gpt", "pp_tp_cp", "stage=2,model=2,context=2", "1f1b", "ring", True),
+    ("llama", "pp_fsdp_cp", "stage=2,data=2,context=2", "gpipe", "ring", True),
+]
+
+
+def _pipelined(name, mesh, rules, **options):
+    from jmp.pipeline import PipelinedGPT
+
+    if name == "gpt":
+        return PipelinedGPT.from_gpt(_model("gpt", **options), num_stages=2, mesh=mesh, rules=rules)
+    cfg = CONFIGS["llama"][1]
+    cfg = type(cfg)(**{**cfg.to_dict(), **options})
+    return Llama(cfg, rngs=nnx.Rngs(0), num_stages=2, mesh=mesh, rules=rules)
+
+
+@pytest.mark.parametrize(
+    "name,strategy,spec,schedule,impl,balanced",
+    PIPELINE_CASES,
+    ids=["-".join(map(str, c)) for c in PIPELINE_CASES],
+)
+def test_a_pipeline_with_context_parallel_stages_equals_the_unsharded_model(
+    name, strategy, spec, schedule, impl, balanced
+):
+    from jmp.pipeline import pipeline_loss_and_grads
+
+    mesh = mesh_of(spec)
+    rules = jmp.rules.preset(strategy, mesh)
+    model = _pipelined(name, mesh, rules, cp_impl=impl, cp_load_balance=balanced)
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, jmp.named_shardings(state, rules, mesh))
+
+    def f(state, batch):
+        with jmp.activate(mesh, rules):
+            model = nnx.merge(graphdef, state)
+            return pipeline_loss_and_grads(
+                model, batch, mesh=mesh, num_microbatches=2, schedule=schedule
+            )
+
+    with jmp.activate(mesh, rules):
+        loss, grads = jax.jit(f)(state, (tokens()[:, :-1], tokens()[:, 1:]))
+    want_loss, want_grads = reference(name)
+    # the stacked blocks' (stage, layers, ...) leaves against the unsharded (layers, ...) ones
+    ref = leaves_by_path(want_grads)
+    have = {
+        path: np.reshape(g, ref[path].shape)
+        for path, g in leaves_by_path(
+            jmp.pipeline.model.unstack_params(grads) if name == "gpt" else grads
+        ).items()
+    }
+    _check_leaves(loss, have, want_loss, ref)
 
 
 def test_adamw_steps_equal_one_device():
@@ -234,6 +294,31 @@ def test_collectives_per_layer(name, impl, spec):
         assert sum(c.count for c in attention) == cfg.n_layers, summary(found)
 
 
+def _step_temporaries(spec: str, impl: str, seq: int) -> int:
+    """Compiled temporary bytes per device of the GPT's loss and gradients."""
+    mesh = mesh_of(spec)
+    rules = jmp.rules.preset("cp" if "context" in spec else "dp", mesh)
+    graphdef, state = nnx.split(_model("gpt", cp_impl=impl, seq_len=seq))
+    ids = jnp.zeros((2, seq), jnp.int32)
+
+    def step(state, ids):
+        with jmp.activate(mesh, rules):
+            return jax.value_and_grad(
+                lambda s: next_token_loss(nnx.merge(graphdef, s), (ids, ids))
+            )(state)
+
+    state = jax.device_put(state, jmp.named_shardings(state, rules, mesh))
+    with jmp.activate(mesh, rules):
+        return jax.jit(step).lower(state, ids).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("impl", ["ring", "allgather"])
+def test_temporaries_per_device_fall_with_the_context_size(impl):
+    seq = 256
+    temps = [_step_temporaries(spec, impl, seq) for spec in ("data=1", "context=2", "context=4")]
+    assert temps[0] > temps[1] > temps[2], temps
+
+
 def test_allgather_with_a_data_axis_also_gathers_over_it():
     """A known cost, measured so a fix shows: XLA gathers K/V over 'data' before 'context'."""
     mesh = mesh_of("data=2,context=4")
@@ -312,8 +397,8 @@ def test_unknown_cp_impl():
 
 def test_cp_strategies_are_checked():
     with pytest.raises(jmp.ConfigError) as err:
-        jmp.rules.preset("pp_cp", mesh_of("stage=2,context=4"))
-    _one_line(err, "cp does not compose with pp")
+        jmp.rules.preset("ep_cp", mesh_of("expert=2,context=4"))
+    _one_line(err, "ep does not compose with cp")
     with pytest.raises(jmp.ShardingError) as err:  # the mesh lacks the axis
         jmp.rules.preset("dp_cp", mesh_of("data=8"))
     _one_line(err, "context")

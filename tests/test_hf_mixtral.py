@@ -229,3 +229,7 @@ def test_refusals_on_load_and_save(make_mesh, mixtral, tmp_path):
     with pytest.raises(jmp.ConfigError, match="n_shared_experts=1 but MixtralForCausalLM"):
         jmp.hf.save(Llama(shared, rngs=nnx.Rngs(0)), str(tmp_path / "shared"))
     assert not os.path.exists(tmp_path / "shared")  # refused before anything is written
+    gelu = LlamaConfig.named("tiny", n_experts=4, expert_activation="gelu")
+    with pytest.raises(jmp.ConfigError, match="expert_activation='gelu' but MixtralForCausalLM"):
+        jmp.hf.save(Llama(gelu, rngs=nnx.Rngs(0)), str(tmp_path / "gelu"))
+    assert not os.path.exists(tmp_path / "gelu")

@@ -3,9 +3,10 @@ equals one device, with one dispatch and one combine all-to-all per forward.
 
 The reference is written from the definitions, not from jmp's code: for each token, a softmax
 over the router logits, its ``k`` best experts (weights renormalized or not), the weighted sum of
-those experts' SwiGLU outputs, computed one token and one expert at a time in float64; its
-gradients are derived by hand (SwiGLU, the weights' renormalization, the softmax) in the same
-loop. The auxiliary losses are checked against their formulas on routings made by hand.
+those experts' SwiGLU (or tanh-GELU) outputs, computed one token and one expert at a time in
+float64; its gradients are derived by hand (SwiGLU, GELU, the weights' renormalization, the
+softmax) in the same loop. The auxiliary losses are checked against their formulas on
+routings made by hand.
 """
 
 import contextlib
@@ -56,8 +57,30 @@ def _swiglu_and_back(x, gate, up, down, g):
     return out, grads, gate @ da + up @ db
 
 
-def np_moe(x, p, probe, *, top_k, normalize=True):
+def _gelu_and_back(x, up, down, g):
+    """One token through one GELU expert ``down(gelu(x @ up))``, GELU's tanh form (GPT-2's)."""
+    a = x @ up
+    c = np.sqrt(2 / np.pi)
+    t = np.tanh(c * (a + 0.044715 * a**3))
+    h = 0.5 * a * (1 + t)
+    out = h @ down
+    da = (down @ g) * (0.5 * (1 + t) + 0.5 * a * (1 - t**2) * c * (1 + 3 * 0.044715 * a**2))
+    return out, {"up": np.outer(x, da), "down": np.outer(h, g)}, up @ da
+
+
+KERNELS = {"swiglu": ("gate", "up", "down"), "gelu": ("up", "down")}
+
+
+def _expert_and_back(activation, x, kernels, g):
+    """``kernels``: the expert's matrices by name (KERNELS[activation])."""
+    if activation == "swiglu":
+        return _swiglu_and_back(x, kernels["gate"], kernels["up"], kernels["down"], g)
+    return _gelu_and_back(x, kernels["up"], kernels["down"], g)
+
+
+def np_moe(x, p, probe, *, top_k, normalize=True, activation="swiglu"):
     """Output and gradients of ``sum(y * probe)`` for the parameters ``p`` and the input."""
+    names = KERNELS[activation]
     x, probe = x.reshape(-1, x.shape[-1]).astype(np.float64), probe.reshape(-1, x.shape[-1])
     y, dx = np.zeros_like(x), np.zeros_like(x)
     grads = {n: np.zeros_like(v) for n, v in p.items()}
@@ -71,12 +94,11 @@ def np_moe(x, p, probe, *, top_k, normalize=True):
         dweight = {}
         for e in chosen:
             w = prob[e] / total
-            out, g_e, dx_e = _swiglu_and_back(
-                x[t], p["gate"][e], p["up"][e], p["down"][e], w * probe[t]
-            )
+            expert = {n: p[n][e] for n in names}
+            out, g_e, dx_e = _expert_and_back(activation, x[t], expert, w * probe[t])
             y[t] += w * out
             dx[t] += dx_e
-            for n in ("gate", "up", "down"):
+            for n in names:
                 grads[n][e] += g_e[n]
             dweight[e] = probe[t] @ out
         for e in chosen:  # through w_e = prob_e / total
@@ -86,30 +108,33 @@ def np_moe(x, p, probe, *, top_k, normalize=True):
         dz = prob * (dprob - dprob @ prob)
         grads["router"] += np.outer(x[t], dz)
         dx[t] += p["router"] @ dz
-        if "shared_gate" in p:
-            out, g_s, dx_s = _swiglu_and_back(
-                x[t], p["shared_gate"], p["shared_up"], p["shared_down"], probe[t]
-            )
+        if "shared_down" in p:
+            shared = {n: p["shared_" + n] for n in names}
+            out, g_s, dx_s = _expert_and_back(activation, x[t], shared, probe[t])
             y[t] += out
             dx[t] += dx_s
-            for n in ("gate", "up", "down"):
+            for n in names:
                 grads["shared_" + n] += g_s[n]
     return y, grads, dx
 
 
 def _params(moe):
-    p = {n: value(getattr(moe, n)).astype(np.float64) for n in ("router", "gate", "up", "down")}
+    names = KERNELS[moe.activation]
+    p = {n: value(getattr(moe, n)).astype(np.float64) for n in ("router", *names)}
     if moe.shared is not None:
-        for n in ("gate", "up", "down"):
+        for n in names:
             p["shared_" + n] = value(getattr(moe.shared, n).kernel).astype(np.float64)
     return p
 
 
 def _grads_like_params(state_grads, moe):
-    g = {n: value(state_grads[n]) for n in ("router", "gate", "up", "down")}
+    names = KERNELS[moe.activation]
+    g = {n: value(state_grads[n]) for n in ("router", *names)}
     if moe.shared is not None:
-        for n in ("gate", "up", "down"):
+        for n in names:
             g["shared_" + n] = value(state_grads["shared"][n]["kernel"])
+    # every gradient is one of these: nothing of the layer is left out of the comparison
+    assert len(jax.tree.leaves(state_grads)) == len(g)
     return g
 
 
@@ -126,7 +151,31 @@ CASES = {  # name: MoE options
     "top1": dict(top_k=1, normalize_weights=False),  # Switch: the raw probability
     "top2": dict(top_k=2),
     "top2_shared": dict(top_k=2, n_shared_experts=2),
+    "gelu_top2_shared": dict(top_k=2, n_shared_experts=2, activation="gelu"),
 }
+
+
+def _reference(moe, x, probe, opts):
+    """The NumPy loop's output, parameter gradients and input gradient for ``moe``'s values."""
+    return np_moe(
+        x,
+        _params(moe),
+        probe,
+        top_k=opts["top_k"],
+        normalize=opts.get("normalize_weights", True),
+        activation=opts.get("activation", "swiglu"),
+    )
+
+
+def _assert_equals_reference(y, grads, dx, moe, want):
+    want_y, want_g, want_dx = want
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, D), want_y, rtol=1e-5, atol=1e-5)
+    got = _grads_like_params(grads, moe)
+    assert set(got) == set(want_g)
+    for n, w in want_g.items():
+        np.testing.assert_allclose(got[n], w, rtol=1e-5, atol=1e-5, err_msg=n)
+        assert np.abs(w).max() > 1e-3, n  # every parameter is really exercised
+    np.testing.assert_allclose(np.asarray(dx).reshape(-1, D), want_dx, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -136,17 +185,7 @@ def test_moe_equals_numpy_loop_over_tokens_and_experts(case):
     x, probe = _random(2, (B, T, D)), _random(3, (B, T, D))
     state, grad = _grad_fn(moe)
     (_, (g, dx)), y = grad(state, jnp.asarray(x), probe), moe(jnp.asarray(x))
-    p = _params(moe)
-    want_y, want_g, want_dx = np_moe(
-        x, p, probe, top_k=opts["top_k"], normalize=opts.get("normalize_weights", True)
-    )
-    np.testing.assert_allclose(np.asarray(y).reshape(-1, D), want_y, rtol=1e-5, atol=1e-5)
-    got = _grads_like_params(g, moe)
-    assert set(got) == set(want_g)
-    for n, want in want_g.items():
-        np.testing.assert_allclose(got[n], want, rtol=1e-5, atol=1e-5, err_msg=n)
-        assert np.abs(want).max() > 1e-3, n  # every parameter is really exercised
-    np.testing.assert_allclose(np.asarray(dx).reshape(-1, D), want_dx, rtol=1e-5, atol=1e-5)
+    _assert_equals_reference(y, g, dx, moe, _reference(moe, x, probe, opts))
 
 
 # --- auxiliary losses and capacity on routings made by hand ----------------------------------
@@ -315,6 +354,23 @@ def test_expert_parallel_equals_one_device_with_one_dispatch_and_one_combine(
     assert _all_to_alls(grad, mesh) == [("expert",)] * (2 * a2a)
 
 
+def test_gelu_experts_under_expert_parallelism_equal_the_numpy_loop(make_mesh):
+    """GELU experts split over 'expert' (the slot buffers and the two all-to-alls) equal the
+    loop over tokens; the parameters are the router, up and down (no gate), and the shared
+    experts' up and down kernels (no biases)."""
+    mesh, rules = make_mesh("data=2,expert=4"), ep_rules()
+    opts = CASES["gelu_top2_shared"]
+    moe = jmp.shard_init(lambda r: MoE(D, F, n_experts=E, rngs=r, **opts), mesh, rules)
+    assert moe.gate is None and moe.up[...].addressable_shards[0].data.shape[0] == E // 4
+    paths = {".".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(moe, nnx.Param))}
+    assert paths == {"router", "up", "down", "shared.up.kernel", "shared.down.kernel"}, paths
+    x, probe = _random(2, (B, T, D)), _random(3, (B, T, D))
+    xs = jax.device_put(x, NamedSharding(mesh, P(("data", "expert"))))
+    y, grads, dx, fwd, _ = forward_and_grads(moe, mesh, rules, xs, probe)
+    _assert_equals_reference(y, grads, dx, moe, _reference(moe, x, probe, opts))
+    assert _all_to_alls(fwd, mesh) == [("expert",)] * 2
+
+
 def test_expert_parallel_capacity_high_enough_is_dropless(make_mesh, one_device):
     mesh, rules = make_mesh("data=2,expert=4"), ep_rules()
     x, probe, want_y, *_ = one_device
@@ -415,6 +471,7 @@ def _one_line_error(fn, text):
         (dict(n_experts=4, top_k=0), "top_k=0 must be an int >= 1"),
         (dict(n_experts=4, capacity_factor=0.0), "capacity_factor=0.0 must be None or"),
         (dict(n_experts=4, n_shared_experts=-1), "n_shared_experts=-1 must be an int >= 0"),
+        (dict(n_experts=4, activation="relu"), "activation='relu' must be one of ('swiglu',"),
     ],
 )
 def test_bad_moe_options_are_refused(opts, text):

@@ -16,8 +16,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jmp
+from jmp.layers import MoE
 from jmp.models import GPT, GPTConfig, Llama, LlamaConfig
-from jmp.train.step import make_eval_step, next_token_loss
+from jmp.train.step import make_eval_step, make_step, next_token_loss
 
 STEPS, BATCH, SEQ, VOCAB = 5, 8, 16, 64
 # 2 blocks, the second a MoE of 8 experts (divisible by every expert axis tried: 2, 4, 8)
@@ -188,6 +189,10 @@ def _one_line_error(fn, text):
             lambda: GPTConfig.named("tiny", n_experts=4, capacity_factor=-1.0),
             "capacity_factor=-1.0 must be None",
         ),
+        (
+            lambda: GPTConfig.named("tiny", n_experts=4, expert_activation="relu"),
+            "expert_activation='relu' must be one of ('swiglu', 'gelu')",
+        ),
     ],
 )
 def test_bad_moe_configs_are_one_line_errors(make, text):
@@ -233,6 +238,98 @@ def test_parameter_counts_equal_the_built_models():
     )
 
 
+def test_gelu_experts_count_two_kernels_and_swiglu_configs_read_as_before():
+    """GELU experts (up, down; the shared ones too, without biases): the counts equal the built
+    model's parameters and the hand count; a SwiGLU config's dict has no new key (its runs
+    resume), a GELU one's records it."""
+    cfg = GPTConfig(**{**GPT_MOE.to_dict(), "expert_activation": "gelu"})
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    assert cfg.num_params() == sum(a.size for a in jax.tree.leaves(params))
+    moe = model.blocks[1].mlp
+    assert isinstance(moe, MoE) and moe.gate is None and moe.shared is not None
+    assert set(nnx.state(moe.shared, nnx.Param)) == {"up", "down"}  # kernels, no biases
+    d, f = cfg.d_model, cfg.hidden
+    one_expert = 2 * d * f
+    dense = GPTConfig(**{**cfg.to_dict(), "n_experts": 0})
+    assert cfg.num_params() - dense.num_params() == (
+        d * 8 + 8 * one_expert + one_expert - (2 * d * f + f + d)
+    )
+    assert cfg.num_params() - cfg.num_active_params() == (8 - 2) * one_expert
+    llama = LlamaConfig(**{**LLAMA_MOE.to_dict(), "expert_activation": "gelu"})
+    n = sum(a.size for a in jax.tree.leaves(nnx.state(Llama(llama, rngs=nnx.Rngs(0)), nnx.Param)))
+    assert llama.num_params() == n
+    assert "expert_activation" not in GPT_MOE.to_dict()
+    assert cfg.to_dict()["expert_activation"] == "gelu" and GPTConfig(**cfg.to_dict()) == cfg
+
+
+# --- gradient accumulation: the routing metrics of the whole step -----------------------------
+
+ROWS, LEN, E_ROUTED = 16, 8, 4
+#: each row's tokens go to experts 0 x5, 1 x2, 2 x1 (top-1), in a shuffled order
+ROW_EXPERTS = [0, 0, 0, 0, 0, 1, 1, 2]
+
+
+class _RoutedLM(nnx.Module):
+    """Embedding, a residual top-1 MoE with capacity factor 1, head. Token ``v`` is routed to
+    expert ``v % 4`` (its embedding carries ``4 * onehot(v % 4)`` where the router reads), so
+    any set of rows with the pattern above overfills expert 0 by the same share."""
+
+    def __init__(self, rngs):
+        d = 8
+        table = np.random.default_rng(0).normal(size=(VOCAB, d)).astype(np.float32) * 0.1
+        table[:, :E_ROUTED] = 4 * np.eye(E_ROUTED, dtype=np.float32)[np.arange(VOCAB) % E_ROUTED]
+        self.embed = jmp.layers.named_param(jnp.asarray(table), ("vocab", "embed"))
+        self.moe = MoE(d, 8, n_experts=E_ROUTED, top_k=1, capacity_factor=1.0, rngs=rngs)
+        self.moe.router[...] = jnp.eye(d, E_ROUTED)
+        init = nnx.initializers.normal(0.5)
+        self.head = jmp.layers.named_param(init(rngs.params(), (d, VOCAB)), ("embed", "vocab"))
+
+    def __call__(self, tokens):
+        h = self.embed[...][tokens]
+        return (h + self.moe(h)) @ self.head[...]
+
+
+def _routed_batch():
+    rng = np.random.default_rng(5)
+    experts = np.stack([rng.permutation(ROW_EXPERTS) for _ in range(ROWS)])
+    inputs = experts + E_ROUTED * rng.integers(0, VOCAB // E_ROUTED, experts.shape)
+    return inputs.astype(np.int32), rng.integers(0, VOCAB, (ROWS, LEN), dtype=np.int32)
+
+
+def _step_metrics(mesh, strategy, microbatches):
+    rules = jmp.rules.preset(strategy, mesh)
+    model = jmp.shard_init(_RoutedLM, mesh, rules)
+    step = make_step(model, optax.sgd(0.1), mesh, rules, microbatches=microbatches)
+    batch = jax.device_put(_routed_batch(), step.batch_sharding)
+    _, metrics = step(step.init_state(), batch)
+    return {k: np.asarray(v) for k, v in metrics.items()}
+
+
+@pytest.mark.parametrize(
+    "spec,strategy",
+    [("data=1", "dp"), ("data=8", "dp"), ("data=2,expert=4", "dp_ep")],
+    ids=["one_device", "dp8", "dp_ep"],
+)
+def test_microbatches_report_the_step_totals_of_drops_and_load(make_mesh, spec, strategy):
+    """``moe_dropped`` is the (token, choice) pairs dropped over the step's whole batch, the
+    same with 2 microbatches as with 1: the capacity applies per forward (per device and
+    microbatch), and every device's rows in every microbatch hold the same expert pattern, so
+    each forward drops the same share. dp8 accumulates per device over its pure 'data' axis
+    (one gradient reduction per step): there the counts are summed over 'data', not averaged;
+    dp_ep (whose dispatch shard_map cannot nest in that region) reduces per microbatch."""
+    mesh = make_mesh(spec) if spec != "data=1" else jmp.make_mesh(spec, devices=jax.devices()[:1])
+    single = _step_metrics(mesh, strategy, 1)
+    accumulated = _step_metrics(mesh, strategy, 2)
+    # each forward of n tokens keeps ceil(1.0 * n / 4) = n / 4 of expert 0's 5n / 8: 3 per row
+    assert single["moe_dropped"] == accumulated["moe_dropped"] == 3 * ROWS
+    want_load = np.bincount(ROW_EXPERTS, minlength=E_ROUTED)[None] / len(ROW_EXPERTS)
+    np.testing.assert_allclose(single["expert_load"], want_load, rtol=1e-6)
+    np.testing.assert_allclose(accumulated["expert_load"], want_load, rtol=1e-6)
+    for key in ("moe_balance_loss", "moe_z_loss", "moe_aux_loss"):  # alike in every forward
+        np.testing.assert_allclose(accumulated[key], single[key], rtol=1e-5, err_msg=key)
+
+
 def test_cli_trains_a_moe_gpt_and_logs_its_routing(tmp_path):
     """`jmp train --experts`: the run's metrics hold the aux losses and the expert load, the
     progress prints the load table, and validation is the cross-entropy alone (below the
@@ -265,6 +362,10 @@ def test_cli_trains_a_moe_gpt_and_logs_its_routing(tmp_path):
     "extra, text",
     [
         (["--top-k", "3"], "--top-k shape a mixture of experts, but --experts is 0"),
+        (
+            ["--expert-activation", "gelu"],
+            "--expert-activation shape a mixture of experts, but --experts is 0",
+        ),
         (["--experts", "6", "--strategy", "dp_ep", "--mesh", "data=2,expert=4"], "n_experts=6"),
         (["--experts", "4", "--top-k", "5"], "top_k=5 exceeds n_experts=4"),
         (["--experts", "4", "--strategy", "dp_cp", "--mesh", "data=2,context=4"], "context"),
@@ -285,10 +386,10 @@ def test_cli_inspect_shows_the_all_to_alls_over_expert():
 
     done = run_jmp(
         "inspect", "--model", "tiny", "--experts", "8", "--moe-every", "2", "--strategy", "ep",
-        "--mesh", "expert=8", "--batch", "8",
+        "--mesh", "expert=8", "--batch", "8", "--expert-activation", "gelu",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    cfg = GPTConfig.named("tiny", n_experts=8, moe_every=2)
+    cfg = GPTConfig.named("tiny", n_experts=8, moe_every=2, expert_activation="gelu")
     assert f"({cfg.num_params():,} params, {cfg.num_active_params():,} active per token)" in (
         " ".join(done.stdout.split())
     )

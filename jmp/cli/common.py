@@ -31,6 +31,7 @@ _EXPERT_SHAPE = {
     "--top-k": ("top_k", 2),
     "--shared-experts": ("n_shared_experts", 0),
     "--moe-every": ("moe_every", 1),
+    "--expert-activation": ("expert_activation", "swiglu"),
 }
 
 #: The GPT size ``jmp train`` trains without --model.
@@ -224,7 +225,8 @@ def add_model_args(p: argparse.ArgumentParser, *, model_default: str | None = "s
         type=nonnegative_int,
         default=0,
         help="routed experts in each MoE block: the blocks' MLPs become mixtures of SwiGLU "
-        "experts (0: a dense model); ep strategies split them over 'expert'",
+        "(or --expert-activation gelu) experts (0: a dense model); ep strategies split them "
+        "over 'expert'",
     )
     p.add_argument(
         "--top-k",
@@ -243,6 +245,13 @@ def add_model_args(p: argparse.ArgumentParser, *, model_default: str | None = "s
         type=positive_int,
         default=_EXPERT_SHAPE["--moe-every"][1],
         help="every k-th block is a MoE block, the others dense (--experts)",
+    )
+    p.add_argument(
+        "--expert-activation",
+        default=_EXPERT_SHAPE["--expert-activation"][1],
+        choices=("swiglu", "gelu"),  # jmp.layers.moe.ACTIVATIONS (not imported: JAX not yet)
+        help="the experts' MLPs: swiglu (gate, up, down) or gelu (up, down: GPT's dense MLP's "
+        "kind; --experts)",
     )
     p.add_argument(
         "--cp-impl",
@@ -335,9 +344,9 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def expert_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The mixture-of-experts fields ``--experts``, ``--top-k``, ``--shared-experts`` and
-    ``--moe-every`` set (empty for a dense model; the shape options without ``--experts`` are
-    refused rather than ignored)."""
+    """The mixture-of-experts fields ``--experts``, ``--top-k``, ``--shared-experts``,
+    ``--moe-every`` and ``--expert-activation`` set (empty for a dense model; the shape options
+    without ``--experts`` are refused rather than ignored)."""
     values = {opt: getattr(args, opt[2:].replace("-", "_")) for opt in _EXPERT_SHAPE}
     if not args.experts:
         given = [opt for opt, (_, default) in _EXPERT_SHAPE.items() if values[opt] != default]

@@ -299,6 +299,10 @@ def _check_expressible(cfg: LlamaConfig, arch: Architecture) -> None:
         )
     if cfg.n_experts and cfg.n_shared_experts:
         problems.append(f"n_shared_experts={cfg.n_shared_experts} but {arch.name} has none")
+    if cfg.n_experts and cfg.expert_activation != "swiglu":
+        problems.append(
+            f"expert_activation={cfg.expert_activation!r} but {arch.name}'s experts are SwiGLU"
+        )
     if problems:
         raise ConfigError(
             f"Cannot save as {arch.name}: {'; '.join(problems)}. Fix: save as "

@@ -340,6 +340,8 @@ class GroupedQueryAttention(nnx.Module):
         y = constrain(y, activation_names(y.ndim, "heads", None, "kv"))
         q = y[..., :per_slot, :].reshape(batch, seq, self.num_heads, self.head_dim)
         k, v = y[..., per_slot, :], y[..., per_slot + 1, :]
+        if positions is None:  # a context-parallel region knows its tokens' true positions
+            positions = context_parallel.local_positions(batch)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
         cos, sin = rope_cos_sin(

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -50,7 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from jmp.context import activate, current_mesh_shape, current_rules
 from jmp.errors import ConfigError
-from jmp.rules import axes_tuple
+from jmp.rules import Rules, axes_tuple
 
 CpImpl = Literal["ring", "allgather"]
 #: The attention implementations of context parallelism (``--cp-impl``).
@@ -74,6 +74,11 @@ def context_axis() -> str | None:
     rules, shape = current_rules(), current_mesh_shape()
     if rules is None or not shape:
         return None
+    return context_axis_of(rules, shape)
+
+
+def context_axis_of(rules: Rules, shape: Mapping[str, int], /) -> str | None:
+    """:func:`context_axis` for given ``rules`` and mesh axis sizes (nothing active)."""
     tensor = {a for entry in rules.params_dict.values() for a in axes_tuple(entry)}
     seq = axes_tuple(rules.activations_dict.get("seq"))
     axes = [a for a in seq if shape.get(a, 1) > 1 and a not in tensor]
@@ -138,10 +143,35 @@ def _entered(region: Region) -> Iterator[None]:
         _REGION.reset(token)
 
 
-def _local(x: jax.Array, region: Region) -> jax.Array:
-    """This device's tokens of a ``(batch, seq, ...)`` array that is whole on every device."""
+def local_tokens(x: jax.Array, region: Region, seq_dim: int = 1) -> jax.Array:
+    """This device's tokens of a ``(batch, seq, ...)`` array that is whole on every device
+    (the sequence at ``seq_dim``)."""
     mine = region.index()[jax.lax.axis_index(region.axis)]
-    return jnp.take(x, mine, axis=1)
+    return jnp.take(x, mine, axis=seq_dim)
+
+
+def local_positions(batch: int, /) -> jax.Array | None:
+    """Inside a region, ``(batch, seq/c)``: the true position of each token this device holds
+    (what a model without explicit positions needs: learned or rotary); outside, None."""
+    region = current_region()
+    if region is None:
+        return None
+    mine = region.index()[jax.lax.axis_index(region.axis)]
+    return jnp.broadcast_to(mine, (batch, mine.shape[0]))
+
+
+@contextlib.contextmanager
+def entered_for(seq: int, balanced: bool) -> Iterator[Region]:
+    """Enter the region of the context axis (:func:`context_axis`) for a ``seq``-token
+    sequence: for a caller that runs the model in a ``shard_map`` manual over that axis itself
+    (the pipeline, :mod:`jmp.pipeline.run`). Raises like :func:`check_layout`."""
+    axis = context_axis()
+    assert axis is not None, "entered_for needs an active cp strategy"
+    ways = current_mesh_shape()[axis]
+    check_layout(seq, ways, balanced=balanced)
+    region = Region(axis, ways, seq, balanced)
+    with _entered(region):
+        yield region
 
 
 def to_natural(h: jax.Array, region: Region, /) -> jax.Array:
@@ -249,9 +279,12 @@ def run_sharded(
         here = cast(Mesh, jax.sharding.get_abstract_mesh())
         with activate(here, inner), _entered(region):
             m = nnx.merge(graphdef, state)
-            segs = None if segments is None else _local(segments, region)
+            segs = None if segments is None else local_tokens(segments, region)
             h = body(
-                m, _local(tokens, region), segment_ids=segs, positions=_local(positions, region)
+                m,
+                local_tokens(tokens, region),
+                segment_ids=segs,
+                positions=local_tokens(positions, region),
             )
             return head(m, to_natural(h, region))
 

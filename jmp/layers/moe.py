@@ -1,9 +1,13 @@
-"""Mixture of experts: a top-k router, SwiGLU experts, shared experts, expert parallelism.
+"""Mixture of experts: a top-k router, SwiGLU or GELU experts, shared experts, expert parallelism.
 
-Each token's router picks ``top_k`` of ``n_experts`` SwiGLU MLPs (softmax over the experts, the
+Each token's router picks ``top_k`` of ``n_experts`` MLPs (softmax over the experts, the
 chosen probabilities renormalized to sum to 1); the token's output is their weighted sum, plus
 the output of the shared experts every token uses (DeepSeek-MoE). Two auxiliary losses keep the
 router healthy: the Switch Transformer load-balancing loss and the ST-MoE router z-loss.
+
+The experts are SwiGLU MLPs ``down(silu(x @ gate) * (x @ up))`` (``activation="swiglu"``, the
+default: Mixtral's, Llama's), or GELU MLPs ``down(gelu(x @ up))`` (``activation="gelu"``, GPT's
+dense MLP: tanh-approximated GELU, no biases); a GELU expert has no ``gate`` kernel.
 
 How the experts run:
 
@@ -32,7 +36,8 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from functools import partial
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,12 +54,17 @@ from jmp.layers.base import (
     model_rows,
     named_param,
 )
-from jmp.layers.mlp import GatedMLP
+from jmp.layers.mlp import GatedMLP, ParallelMLP
 from jmp.rules import axes_tuple
 
 EXPERT = "expert"  # the logical name of the experts' dim; its rule picks the expert-parallel axis
 # fan-in over the input dim of each expert's (in, out) matrix, as lecun_normal does for a dense one
 _expert_init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+#: The experts' MLPs :class:`MoE` builds: ``activation=`` one of these.
+Activation = Literal["swiglu", "gelu"]
+ACTIVATIONS: tuple[Activation, ...] = ("swiglu", "gelu")
 
 
 #: Why a MoE layer refuses sequence parallelism (the layer and ``jmp train`` raise it).
@@ -75,7 +85,8 @@ class MoEAux(NamedTuple):
             is ``top_k`` times this.)
         z_loss: the mean over tokens of ``logsumexp(router logits) ** 2``.
         expert_load: ``f_e`` per expert, shape ``(n_experts,)``, summing to 1.
-        dropped: how many (token, choice) pairs the capacity dropped (0 when dropless).
+        dropped: how many (token, choice) pairs the capacity dropped (0 when dropless), over
+            the tokens of this call (all devices': the count is summed over the token axes).
     """
 
     loss: jax.Array
@@ -111,25 +122,37 @@ def slot_positions(experts: jax.Array, n_experts: int) -> jax.Array:
     return jnp.sum(before * onehot, axis=-1).reshape(k, n).T
 
 
-def _swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    """Per expert: ``x (E, S, D)`` with ``(E, D, F)``, ``(E, D, F)``, ``(E, F, D)`` kernels."""
-    h = jax.nn.silu(jnp.einsum("esd,edf->esf", x, gate)) * jnp.einsum("esd,edf->esf", x, up)
-    return jnp.einsum("esf,efd->esd", h, down)
+def _experts_mlp(x, kernels, activation, matmul):
+    """Each expert's MLP on its rows; ``matmul(rows, kernel)`` multiplies each expert's rows by
+    its own slice of a stacked ``(E, in, out)`` kernel. ``kernels``: (gate, up, down) for
+    SwiGLU, (up, down) for GELU."""
+    if activation == "swiglu":
+        gate, up, down = kernels
+        h = jax.nn.silu(matmul(x, gate)) * matmul(x, up)
+    else:
+        up, down = kernels
+        h = jax.nn.gelu(matmul(x, up))  # tanh-approximated, as GPT's dense MLP
+    return matmul(h, down)
 
 
-def _dropless(x, experts, weights, gate, up, down):
+def _per_slot(x, kernels, activation):
+    """Per expert: ``x (E, S, D)`` with ``(E, D, F)`` and ``(E, F, D)`` kernels."""
+    return _experts_mlp(x, kernels, activation, lambda a, w: jnp.einsum("esd,edf->esf", a, w))
+
+
+def _dropless(x, experts, weights, kernels, activation):
     """Sort the (token, choice) rows by expert, one grouped matmul per projection, unsort."""
     n, k = experts.shape
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     rows = x[order // k]  # the token of each sorted (token, choice) pair
-    sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
-    h = jax.nn.silu(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
-    out = jnp.zeros_like(rows).at[order].set(jax.lax.ragged_dot(h, down, sizes))
+    sizes = jnp.bincount(flat, length=kernels[0].shape[0]).astype(jnp.int32)
+    y = _experts_mlp(rows, kernels, activation, lambda a, w: jax.lax.ragged_dot(a, w, sizes))
+    out = jnp.zeros_like(rows).at[order].set(y)
     return jnp.einsum("nkd,nk->nd", out.reshape(n, k, -1), weights.astype(x.dtype))
 
 
-def _with_slots(x, experts, weights, gate, up, down, *, capacity, n_experts, expert_axis):
+def _with_slots(x, experts, weights, kernels, activation, *, capacity, n_experts, expert_axis):
     """Dispatch into ``(E, C, D)`` slot buffers, run the experts (remote ones through two
     all-to-alls over ``expert_axis``), gather the results back. Returns (y, dropped pairs)."""
     n, k = experts.shape
@@ -142,13 +165,15 @@ def _with_slots(x, experts, weights, gate, up, down, *, capacity, n_experts, exp
     rows_scope = model_rows(min(n * k, n_experts * capacity), n_experts * capacity)
     if expert_axis is None:
         with rows_scope:
-            out = _swiglu(buf, gate, up, down)
+            out = _per_slot(buf, kernels, activation)
     else:
-        n_ep, local = n_experts // gate.shape[0], gate.shape[0]
+        local = kernels[0].shape[0]  # the experts this device holds
+        n_ep = n_experts // local
         buf = buf.reshape(n_ep, local, capacity, -1)  # [device holding the expert, its expert]
         buf = jax.lax.all_to_all(buf, expert_axis, 0, 0)  # now [source device, my expert]
         with rows_scope:
-            out = _swiglu(buf.swapaxes(0, 1).reshape(local, n_ep * capacity, -1), gate, up, down)
+            mine = buf.swapaxes(0, 1).reshape(local, n_ep * capacity, -1)
+            out = _per_slot(mine, kernels, activation)
         out = out.reshape(local, n_ep, capacity, -1).swapaxes(0, 1)
         out = jax.lax.all_to_all(out, expert_axis, 0, 0).reshape(n_experts, capacity, -1)
     got = out.at[experts, pos].get(mode="fill", fill_value=0)  # (n, k, D); dropped pairs: 0
@@ -157,11 +182,14 @@ def _with_slots(x, experts, weights, gate, up, down, *, capacity, n_experts, exp
 
 
 class MoE(nnx.Module):
-    """Top-k mixture of SwiGLU experts, optional shared experts, expert parallel when asked.
+    """Top-k mixture of SwiGLU (or GELU) experts, optional shared experts, expert parallel when
+    asked.
 
     Parameters: ``router`` ``(embed, n_experts)`` (replicated over the experts' axis), ``gate``
-    and ``up`` ``(expert, embed, mlp)``, ``down`` ``(expert, mlp, embed)``, and a
-    :class:`~jmp.layers.GatedMLP` ``shared`` of width ``n_shared_experts * hidden``.
+    (SwiGLU only; None for GELU) and ``up`` ``(expert, embed, mlp)``, ``down``
+    ``(expert, mlp, embed)``, and a ``shared`` MLP of width ``n_shared_experts * hidden``: a
+    :class:`~jmp.layers.GatedMLP` for SwiGLU, a bias-free GELU
+    :class:`~jmp.layers.ParallelMLP` (``up``, ``down``) for GELU.
 
     Args:
         features: the model width (``embed``).
@@ -170,6 +198,7 @@ class MoE(nnx.Module):
         top_k: experts per token (``1 <= top_k <= n_experts``).
         n_shared_experts: experts every token uses (fused into one MLP); 0 for none.
         capacity_factor: None for dropless, else the per-expert capacity factor (> 0).
+        activation: ``"swiglu"`` (gate, up, down) or ``"gelu"`` (up, down) experts.
         normalize_weights: renormalize the chosen probabilities to sum to 1 (Mixtral); False
             keeps the raw probabilities (Switch's top-1, whose router then learns from the output).
         aux_loss_weight, z_loss_weight: the weights of the two losses in ``MoEAux.loss``.
@@ -182,6 +211,9 @@ class MoE(nnx.Module):
         >>> moe = MoE(16, 32, n_experts=4, top_k=1, n_shared_experts=1, rngs=nnx.Rngs(0))
         >>> moe.gate.shape, moe.shared.up.kernel.shape
         ((4, 16, 32), (16, 32))
+        >>> gelu = MoE(16, 32, n_experts=4, activation="gelu", rngs=nnx.Rngs(0))
+        >>> gelu.gate is None, gelu.up.shape
+        (True, (4, 16, 32))
     """
 
     def __init__(
@@ -193,6 +225,7 @@ class MoE(nnx.Module):
         top_k: int = 2,
         n_shared_experts: int = 0,
         capacity_factor: float | None = None,
+        activation: Activation = "swiglu",
         normalize_weights: bool = True,
         aux_loss_weight: float = 1e-2,
         z_loss_weight: float = 1e-3,
@@ -203,19 +236,28 @@ class MoE(nnx.Module):
         rngs: nnx.Rngs,
     ) -> None:
         check_mode(mode)
-        _check_config(features, hidden, n_experts, top_k, n_shared_experts, capacity_factor)
+        _check_config(
+            features, hidden, n_experts, top_k, n_shared_experts, capacity_factor, activation
+        )
         _check_expert_axis(n_experts)  # inside jmp.shard_init the mesh is known already
         self.n_experts, self.top_k, self.capacity_factor = n_experts, top_k, capacity_factor
-        self.normalize_weights = normalize_weights
+        self.normalize_weights, self.activation = normalize_weights, activation
         self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
         self.dtype = dtype
         e, d, f = n_experts, features, hidden
         self.router = named_param(kernel_init(rngs.params(), (d, e), param_dtype), ("embed", None))
-        self.gate = named_param(_expert_init(rngs.params(), (e, d, f), param_dtype), _IN_NAMES)
+        # SwiGLU draws gate, up, down in this order (its checkpoints keep their names and values)
+        self.gate = (
+            named_param(_expert_init(rngs.params(), (e, d, f), param_dtype), _IN_NAMES)
+            if activation == "swiglu"
+            else None
+        )
         self.up = named_param(_expert_init(rngs.params(), (e, d, f), param_dtype), _IN_NAMES)
         self.down = named_param(_expert_init(rngs.params(), (e, f, d), param_dtype), _OUT_NAMES)
-        self.shared = (
-            GatedMLP(
+        # the shared experts fused into one MLP of the experts' kind
+        mlp = GatedMLP if activation == "swiglu" else partial(ParallelMLP, use_bias=False)
+        self.shared: GatedMLP | ParallelMLP | None = (
+            mlp(
                 d,
                 hidden * n_shared_experts,
                 mode=mode,
@@ -228,6 +270,12 @@ class MoE(nnx.Module):
             else None
         )
 
+    def _kernels(self) -> list[nnx.Param]:
+        """The experts' stacked kernels in the order the MLP takes them."""
+        if self.gate is None:
+            return [self.up, self.down]
+        return [self.gate, self.up, self.down]
+
     def __call__(
         self, x: jax.Array, *, return_aux: bool = False
     ) -> jax.Array | tuple[jax.Array, MoEAux]:
@@ -235,7 +283,7 @@ class MoE(nnx.Module):
             raise ConfigError(SEQUENCE_PARALLEL_REFUSAL)
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
-        kernels = [w[...].astype(dtype) for w in (self.gate, self.up, self.down)]
+        kernels = [w[...].astype(dtype) for w in self._kernels()]
         y, sums = self._routed(x, self.router[...], kernels)
         if self.shared is not None:
             y = y + self.shared(x)
@@ -263,22 +311,22 @@ class MoE(nnx.Module):
                 wanted = math.ceil(self.capacity_factor * n * self.top_k / self.n_experts)
                 capacity = min(n, wanted)
 
-        def local(x, router, gate, up, down):
+        def local(x, router, *kernels):
             shape = x.shape
             x = x.reshape(-1, shape[-1])
             # the router is per token: routing here, on local tokens, needs no communication
             logits = x.astype(jnp.float32) @ router
             probs, experts, weights = route(logits, self.top_k, normalize=self.normalize_weights)
             if capacity is None:
-                y, dropped = _dropless(x, experts, weights, gate, up, down), jnp.int32(0)
+                y = _dropless(x, experts, weights, kernels, self.activation)
+                dropped = jnp.int32(0)
             else:
                 y, dropped = _with_slots(
                     x,
                     experts,
                     weights,
-                    gate,
-                    up,
-                    down,
+                    kernels,
+                    self.activation,
                     capacity=capacity,
                     n_experts=self.n_experts,
                     expert_axis=expert_axis,
@@ -300,7 +348,7 @@ class MoE(nnx.Module):
         return jax.shard_map(
             local,
             mesh=jax.sharding.get_abstract_mesh(),
-            in_specs=(tokens, P(), kernel, kernel, kernel),
+            in_specs=(tokens, P(), *[kernel] * len(kernels)),
             out_specs=(tokens, P()),
             axis_names=set(token_axes),
         )(x, router, *kernels)
@@ -338,7 +386,11 @@ def aux_metrics(aux: list[MoEAux], /) -> tuple[jax.Array, dict[str, jax.Array]]:
 
     Metrics: ``moe_aux_loss`` (that sum), ``moe_balance_loss`` and ``moe_z_loss`` (means over
     the MoE layers), ``expert_load`` (``(n_moe_layers, n_experts)``: each layer's fraction of
-    routed (token, choice) pairs per expert) and ``moe_dropped`` (pairs dropped, all layers).
+    routed (token, choice) pairs per expert) and ``moe_dropped`` (the (token, choice) pairs
+    the capacity dropped, summed over the layers: a count over this forward's tokens). A train
+    step (:func:`jmp.train.make_step`) reports ``moe_dropped`` as the total over its whole
+    batch, all microbatches together (:data:`jmp.train.loss.COUNT_METRICS`), and the others as
+    means over the microbatches; the capacity applies to each microbatch's forward.
 
     Example:
         >>> moe = MoE(16, 32, n_experts=4, rngs=nnx.Rngs(0))
@@ -363,7 +415,7 @@ def aux_metrics(aux: list[MoEAux], /) -> tuple[jax.Array, dict[str, jax.Array]]:
     }
 
 
-def _check_config(features, hidden, n_experts, top_k, n_shared, capacity_factor) -> None:
+def _check_config(features, hidden, n_experts, top_k, n_shared, capacity_factor, activation):
     problems = [
         f"{name}={value!r} must be an int >= {low}"
         for name, value, low in (
@@ -383,6 +435,8 @@ def _check_config(features, hidden, n_experts, top_k, n_shared, capacity_factor)
         problems.append(f"capacity_factor={capacity_factor!r} must be None or a finite number > 0")
     elif capacity_factor is not None and capacity_factor <= 0:
         problems.append(f"capacity_factor={capacity_factor!r} must be None or a finite number > 0")
+    if activation not in ACTIVATIONS:
+        problems.append(f"activation={activation!r} must be one of {ACTIVATIONS}")
     if problems:
         raise ConfigError("Invalid MoE: " + "; ".join(problems) + ".")
 

@@ -2,9 +2,11 @@
 
 A config with ``n_experts > 0`` replaces the MLP of every ``moe_every``-th block (blocks
 ``moe_every - 1``, ``2 * moe_every - 1``, ...) by a :class:`jmp.layers.MoE` of ``n_experts``
-SwiGLU experts of width ``moe_d_ff`` (default: the dense MLP's), ``top_k`` of them per token,
-plus ``n_shared_experts`` that every token uses. Under an ``ep`` strategy the experts split
-over the ``expert`` mesh axis (:mod:`jmp.strategies`).
+experts of width ``moe_d_ff`` (default: the dense MLP's), ``top_k`` of them per token,
+plus ``n_shared_experts`` that every token uses. The experts are SwiGLU MLPs by default, for
+GPT too (its MoE runs and checkpoints predate the choice); ``expert_activation="gelu"`` makes
+them GELU MLPs like GPT's dense one (two kernels instead of three). Under an ``ep`` strategy the
+experts split over the ``expert`` mesh axis (:mod:`jmp.strategies`).
 
 Example:
     >>> from jmp.models import GPTConfig
@@ -12,6 +14,9 @@ Example:
     >>> [cfg.is_moe_layer(i) for i in range(cfg.n_layers)]
     [False, True]
     >>> cfg.num_params() > cfg.num_active_params()
+    True
+    >>> gelu = GPTConfig.named("tiny", n_experts=4, top_k=2, expert_activation="gelu")
+    >>> gelu.moe_params(64, 256)[0] == 64 * 4 + 4 * 2 * 64 * 256
     True
 """
 
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jmp.layers import Mode, MoE
+from jmp.layers.moe import ACTIVATIONS, Activation
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,9 @@ class ExpertsConfig:
         capacity_factor: None for dropless routing; else each expert takes at most
             ``ceil(c * tokens * top_k / n_experts)`` of a device's tokens.
         aux_loss_weight, z_loss_weight: weights of the load-balancing and router z losses.
+        expert_activation: ``"swiglu"`` (gate, up, down: the default) or ``"gelu"`` (up,
+            down) experts, shared experts alike. Recorded by :meth:`to_dict` only when not
+            the default, so SwiGLU runs' ``config.json`` reads as before the choice existed.
     """
 
     n_experts: int = 0
@@ -51,6 +60,7 @@ class ExpertsConfig:
     capacity_factor: float | None = None
     aux_loss_weight: float = 1e-2
     z_loss_weight: float = 1e-3
+    expert_activation: Activation = "swiglu"
 
     def expert_problems(self) -> list[str]:
         """What is wrong with the MoE fields, one phrase each (empty: nothing)."""
@@ -69,6 +79,10 @@ class ExpertsConfig:
             w = getattr(self, name)
             if not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
                 problems.append(f"{name}={w!r} must be a finite number >= 0")
+        if self.expert_activation not in ACTIVATIONS:
+            problems.append(
+                f"expert_activation={self.expert_activation!r} must be one of {ACTIVATIONS}"
+            )
         if not problems and self.n_experts and self.top_k > self.n_experts:
             problems.append(
                 f"top_k={self.top_k} exceeds n_experts={self.n_experts} (choose top_k <= n_experts)"
@@ -83,6 +97,8 @@ class ExpertsConfig:
         if not self.n_experts:
             for field in dataclasses.fields(ExpertsConfig):
                 del values[field.name]
+        elif self.expert_activation == "swiglu":  # the default, and all there was before it
+            del values["expert_activation"]
         return values
 
     def pipeline_problems(self, num_stages: int, /) -> list[str]:
@@ -105,10 +121,15 @@ class ExpertsConfig:
     def expert_width(self, dense_d_ff: int, /) -> int:
         return self.moe_d_ff or dense_d_ff
 
+    def expert_params(self, d_model: int, dense_d_ff: int, /) -> int:
+        """Parameters (all matmul weights) of one expert: SwiGLU's gate, up and down, or
+        GELU's up and down."""
+        kernels = 3 if self.expert_activation == "swiglu" else 2
+        return kernels * d_model * self.expert_width(dense_d_ff)
+
     def moe_params(self, d_model: int, dense_d_ff: int, /) -> tuple[int, int]:
         """(all, active per token) parameters of one MoE layer: router, experts, shared."""
-        f = self.expert_width(dense_d_ff)
-        expert = 3 * d_model * f  # SwiGLU: gate, up, down
+        expert = self.expert_params(d_model, dense_d_ff)
         router, shared = d_model * self.n_experts, self.n_shared_experts * expert
         return router + self.n_experts * expert + shared, router + self.top_k * expert + shared
 
@@ -131,6 +152,7 @@ def make_moe(
         top_k=cfg.top_k,
         n_shared_experts=cfg.n_shared_experts,
         capacity_factor=cfg.capacity_factor,
+        activation=cfg.expert_activation,
         aux_loss_weight=cfg.aux_loss_weight,
         z_loss_weight=cfg.z_loss_weight,
         mode=mode,

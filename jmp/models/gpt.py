@@ -63,8 +63,8 @@ class GPTConfig(ExpertsConfig):
 
     A mixture of experts with ``n_experts > 0`` (the fields of
     :class:`~jmp.models.experts.ExpertsConfig`: ``top_k``, ``n_shared_experts``, ``moe_every``,
-    ``moe_d_ff``, ``capacity_factor``, the two loss weights): those blocks' MLPs are SwiGLU
-    experts.
+    ``moe_d_ff``, ``capacity_factor``, the two loss weights, ``expert_activation``): those
+    blocks' MLPs are SwiGLU experts, or GELU ones with ``expert_activation='gelu'``.
 
     Attributes:
         dtype: compute dtype (``'bfloat16'`` on GPUs); parameters are kept in ``param_dtype``.
@@ -247,6 +247,8 @@ class GPT(nnx.Module):
         # whole before the lookup (fsdp splits its embed dim over 'data', as the batch of the
         # positions: XLA's partitioner aborts on that gather inside a context-parallel region)
         table = constrain(table, (None, "embed")) if cp.current_region() else table
+        if positions is None:  # inside a context-parallel region: the tokens' true positions
+            positions = cp.local_positions(tokens.shape[0])
         where = table[:seq] if positions is None else jnp.take(table, positions, axis=0)
         x = self.embed(tokens) + where
         return constrain(x, ("batch", "seq", "embed"))

@@ -128,9 +128,9 @@ def _is_int(v: object) -> bool:
 class LlamaConfig(ExpertsConfig):
     """Sizes and numerics of a :class:`Llama`; validated on creation (every problem at once).
 
-    With ``n_experts > 0`` every block's MLP is a mixture of SwiGLU experts (Mixtral; the
-    fields of :class:`~jmp.models.experts.ExpertsConfig`). ``moe_every`` must be 1: the
-    blocks are one scanned stack, so they are all alike.
+    With ``n_experts > 0`` every block's MLP is a mixture of experts, SwiGLU (Mixtral) unless
+    ``expert_activation='gelu'`` (the fields of :class:`~jmp.models.experts.ExpertsConfig`).
+    ``moe_every`` must be 1: the blocks are one scanned stack, so they are all alike.
 
     Attributes:
         d_model, n_layers, n_heads, n_kv_heads, d_ff: Hugging Face's ``hidden_size``,

@@ -30,6 +30,12 @@ M (a lockstep tick moves an activation one stage, so the round trip is 2(S - 1 -
 asynchronous PipeDream 1F1B keeps S), and recomputes the stage's forward inside its
 ``jax.vjp``: about one extra forward per microbatch and stage.
 
+Context parallelism inside the stages (``pp_cp``, ``pp_dp_cp``, ...): the region is manual over
+``'context'`` too; every stage takes its own tokens of each microbatch (the layout of
+:mod:`jmp.layers.context_parallel`), attention inside the blocks is the ring or all-gather one,
+positions are the tokens' true ones, and the loss and gradients are means over the axis. The
+activations passed between stages are 1/c of the sequence.
+
 What is not supported: ``GPTConfig.mode='manual'`` inside the pipeline (see
 :func:`check_pipeline`), interleaved/virtual stages, and zero-bubble schedules. Gradients of a
 data-parallel batch are all-reduced over ``'data'`` by the compiler once per backward tick, not
@@ -54,6 +60,7 @@ from jax.sharding import PartitionSpec as P
 
 from jmp.context import activation_spec, constrain
 from jmp.errors import ConfigError
+from jmp.layers import context_parallel as cp
 from jmp.pipeline.schedule import SCHEDULES, Schedule, ScheduleName, make_schedule
 from jmp.pipeline.stack import STAGE, Pipelinable, is_stacked, num_stages_of, run_blocks
 from jmp.rules import axes_tuple
@@ -146,7 +153,14 @@ def _shift(x: jax.Array, num_stages: int, direction: int) -> jax.Array:
 
 
 def _varying(tree: Any) -> Any:
-    return jax.tree.map(lambda a: jax.lax.pcast(a, STAGE, to="varying"), tree)
+    """``tree`` varying over the region's manual axes ('stage', and 'context' under cp)."""
+    manual = set(jax.sharding.get_abstract_mesh().manual_axes)
+
+    def cast(a: jax.Array) -> jax.Array:
+        missing = tuple(sorted(manual - jax.typeof(a).manual_axis_type.varying))
+        return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+    return jax.tree.map(cast, tree)
 
 
 class _Stage:
@@ -258,7 +272,7 @@ def _onefoneb_body(model: Pipelinable, schedule: Schedule) -> Callable:
             )
             last = stage.index == S - 1
             dy = jnp.where(last, 0.0, c["g"]).astype(x.dtype)
-            g_blocks, g_shared, g_x = vjp((dy, jnp.where(last, 1.0 / M, 0.0)))
+            g_blocks, g_shared, g_x = vjp((dy, _varying(jnp.where(last, 1.0 / M, 0.0))))
             valid = micro >= 0
             grads = jax.tree.map(
                 lambda acc, g: acc + jnp.where(valid, g, 0).astype(acc.dtype),
@@ -303,11 +317,44 @@ def _run(model: Any, batch: Batch, mesh: Mesh, num_microbatches: int, schedule: 
         body, out_specs = _gpipe_body(model, plan), P()
     else:
         body, out_specs = _onefoneb_body(model, plan), (P(), P(STAGE), P())
-    # Manual over 'stage' only: inside, 'data' and 'model' stay with the compiler, so the
-    # layers' tensor-parallel collectives and the batch split work as without a pipeline.
+    context = cp.context_axis()
+    if context is not None:
+        body = _with_context(body, model, context, seq=jax.tree.leaves(batch)[0].shape[1])
+    # Manual over 'stage' (and 'context' under cp) only: inside, 'data' and 'model' stay with
+    # the compiler, so the layers' tensor-parallel collectives and the batch split work as
+    # without a pipeline.
     return jax.shard_map(
-        body, mesh=mesh, in_specs=(P(STAGE), P(), P()), out_specs=out_specs, axis_names={STAGE}
+        body,
+        mesh=mesh,
+        in_specs=(P(STAGE), P(), P()),
+        out_specs=out_specs,
+        axis_names={STAGE} | ({context} if context else set()),
     )(blocks, shared, micro)
+
+
+def _with_context(body: Callable, model: Any, axis: str, *, seq: int) -> Callable:
+    """``body`` with the sequence split over the context ``axis`` (context parallelism).
+
+    Every stage takes its own tokens of each microbatch (the layout of
+    :mod:`jmp.layers.context_parallel`: load balanced unless the config says otherwise) and
+    runs inside the region, so attention is the ring or all-gather one and positions are the
+    tokens' true ones. Each device's loss is the mean over its tokens, all devices hold as
+    many: the step's loss and gradients are their means over the axis.
+    """
+    balanced = getattr(getattr(model, "cfg", None), "cp_load_balance", True)
+
+    def local_body(blocks: nnx.State, shared: nnx.State, batch: Batch) -> Any:
+        with cp.entered_for(seq, balanced) as region:
+            # microbatch leaves are (M, rows, seq, ...): the sequence is dim 2
+            local = jax.tree.map(
+                lambda a: cp.local_tokens(a, region, 2) if a.ndim > 2 else a, batch
+            )
+            # each device's gradients are of its own tokens' loss (1F1B's explicit vjp would
+            # otherwise sum the blocks' over the axis); the pmean below makes them the mean
+            out = body(_varying(blocks), shared, local)
+        return jax.tree.map(lambda a: jax.lax.pmean(a, axis), out)
+
+    return local_body
 
 
 def _check_schedule(schedule: str) -> None:

@@ -22,6 +22,7 @@ from flax import nnx
 
 from jmp.errors import ConfigError
 from jmp.layers import Mode, MoE, aux_metrics, captured_aux
+from jmp.layers.moe import DROPPED
 from jmp.losses import token_losses
 
 #: A batch is any pytree of arrays whose leading dimension is the batch (split as the
@@ -29,10 +30,16 @@ from jmp.losses import token_losses
 Batch = Any
 #: A loss function: ``loss_fn(model, batch)`` returns the scalar loss, or ``(loss, metrics)``
 #: with ``metrics`` a dict of arrays (scalars or small vectors, e.g. a MoE layer's expert load)
-#: that the step reports beside ``loss`` (averaged over microbatches).
+#: that the step reports beside ``loss``: means over the microbatches (and over the devices
+#: that split the batch, where the step accumulates per device), except :data:`COUNT_METRICS`.
 LossFn = Callable[[nnx.Module, Batch], jax.Array | tuple[jax.Array, dict[str, jax.Array]]]
 #: The metrics every step reports itself; a loss function's metrics may not reuse these names.
 STEP_METRICS = ("loss", "grad_norm", "lr")
+#: A loss function's metrics that count events over its batch (``moe_dropped``: the (token,
+#: choice) pairs a MoE capacity dropped): the step sums them over its microbatches (and the
+#: devices that split the batch), so they are totals over the step's whole batch, as without
+#: gradient accumulation.
+COUNT_METRICS = frozenset({DROPPED})
 
 
 def split_loss(out: Any, /) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -35,12 +35,14 @@ from jax.typing import ArrayLike
 
 from jmp.context import activate
 from jmp.errors import ConfigError
+from jmp.layers.context_parallel import context_axis_of
+from jmp.layers.moe import MoE
 from jmp.rules import Rules, axes_tuple
 from jmp.rules import check_batch as check_batch  # re-exported: jmp.train.check_batch
 from jmp.sharding import named_shardings
 from jmp.train.clipping import clip_by_global_norm
 from jmp.train.data import batch_sharding
-from jmp.train.loss import Batch, LossFn, split_loss
+from jmp.train.loss import COUNT_METRICS, Batch, LossFn, split_loss
 from jmp.train.loss import next_token_loss as next_token_loss  # re-exported: its home is loss.py
 
 
@@ -222,7 +224,8 @@ def _accumulate(
     varying: tuple[str, ...] = (),
 ) -> tuple[tuple[jax.Array, dict], nnx.State]:
     """Mean loss, metrics and gradients over ``microbatches`` slices of the batch (a
-    ``lax.scan``); ``grad_fn`` returns ``((loss, metrics), grads)``."""
+    ``lax.scan``); ``grad_fn`` returns ``((loss, metrics), grads)``. The counts
+    (:data:`~jmp.train.loss.COUNT_METRICS`) are summed instead: totals over the batch."""
     if microbatches == 1:
         return grad_fn(params, batch, rngs)
     # Strided: microbatch i takes rows i, i+m, i+2m...: every data shard contributes its own
@@ -242,8 +245,10 @@ def _accumulate(
     if varying:  # inside _accumulate_once's shard_map each device sums its own results
         out = jax.lax.pcast(out, varying, to="varying")
     zeros = (out, jax.tree.map(jnp.zeros_like, params))
-    sums, _ = jax.lax.scan(body, zeros, (split, jnp.arange(microbatches)))
-    return jax.tree.map(lambda a: a / microbatches, sums)
+    ((loss, metrics), grads), _ = jax.lax.scan(body, zeros, (split, jnp.arange(microbatches)))
+    metrics = {k: v if k in COUNT_METRICS else v / microbatches for k, v in metrics.items()}
+    mean = jax.tree.map(lambda a: a / microbatches, (loss, grads))
+    return (mean[0], metrics), mean[1]
 
 
 def reduce_once_axes(mesh: Mesh, rules: Rules, param_shardings: Any, /) -> tuple[str, ...]:
@@ -265,6 +270,25 @@ def reduce_once_axes(mesh: Mesh, rules: Rules, param_shardings: Any, /) -> tuple
     return tuple(a for a in batch_axes if a not in used)
 
 
+def _nests_a_region(model: nnx.Module, mesh: Mesh, rules: Rules, once: tuple[str, ...]) -> bool:
+    """Whether the model would run a ``shard_map`` of its own inside :func:`_accumulate_once`'s
+    that jax 0.10.2 cannot differentiate there, so the step reduces its gradients per
+    microbatch: a context-parallel region ('Expected cotangent type float32[...]{V:data}'),
+    sequence parallelism's layers (Shardy: 'must have all manual axes come before free axes'),
+    or a MoE layer's dispatch over the batch axes not yet manual (Shardy: 'operates on axis
+    "data" which is already bound by a parent sdy.manual_computation')."""
+    if context_axis_of(rules, mesh.shape) is not None:
+        return True
+    tensor = {a for entry in rules.params_dict.values() for a in axes_tuple(entry)}
+    if any(mesh.shape[a] > 1 and a in tensor for a in axes_tuple(rules.activations_dict["seq"])):
+        return True  # sequence parallelism
+    spec = rules.activation_spec(("batch",), mesh=mesh)
+    axes = axes_tuple(spec[0] if spec else None)
+    if not any(mesh.shape[a] > 1 and a not in once for a in axes):
+        return False  # inside the region the tokens are whole per device: no nested shard_map
+    return any(isinstance(m, MoE) for _, m in nnx.iter_modules(model))
+
+
 def _accumulate_once(
     grad_fn: Callable,
     params: nnx.State,
@@ -279,15 +303,22 @@ def _accumulate_once(
     Left to the partitioner, each microbatch's gradients are all-reduced over the data axes
     inside the loop (m times the bytes). Here each device accumulates the gradients of its own
     rows and one ``pmean`` joins them; other axes (the tensor axis) stay with the compiler.
-    Every device holds the same number of rows, so the mean of means is the global mean.
+    Every device holds the same number of rows, so the mean of means is the global mean; the
+    counts (:data:`~jmp.train.loss.COUNT_METRICS`), each device's over its own rows, are summed.
     """
 
     def local(params: nnx.State, rows: Batch, rngs: nnx.State) -> tuple[tuple, nnx.State]:
         # differentiated as a per-device value: the gradient of a replicated (invariant) input
         # would be psummed by shard_map's autodiff in every microbatch
         params = jax.lax.pcast(params, axes, to="varying")
-        out, grads = _accumulate(grad_fn, params, rows, microbatches, rngs, varying=axes)
-        return jax.lax.pmean(out, axes), jax.lax.pmean(grads, axes)
+        (loss, metrics), grads = _accumulate(
+            grad_fn, params, rows, microbatches, rngs, varying=axes
+        )
+        metrics = {
+            k: jax.lax.psum(v, axes) if k in COUNT_METRICS else jax.lax.pmean(v, axes)
+            for k, v in metrics.items()
+        }
+        return (jax.lax.pmean(loss, axes), metrics), jax.lax.pmean(grads, axes)
 
     return jax.shard_map(
         local,
@@ -314,8 +345,10 @@ def make_step(
     Returns a :class:`Step`; ``step.init_state()`` builds the initial :class:`TrainState` from
     the model's current parameters, with optimizer state sharded like the parameters.
     Metrics: ``loss``, ``grad_norm``, (if ``schedule`` is given) ``lr``, and those the loss
-    function returns with its loss (see :data:`LossFn`). An update whose
-    loss or gradient norm is not finite is not applied (parameters and optimizer state stay).
+    function returns with its loss (see :data:`LossFn`): means over the microbatches, except
+    the counts such as ``moe_dropped``, totals over the step's batch (as with one microbatch).
+    An update whose loss or gradient norm is not finite is not applied (parameters and
+    optimizer state stay).
     Random draws (dropout) use the model's keys folded with the step (:func:`fold_keys`).
     """
     optimizer = optax.with_extra_args_support(optimizer)  # takes grad_norm=, may ignore it
@@ -341,6 +374,8 @@ def make_step(
         if microbatches > 1 and not jax.tree.leaves(rngs)
         else ()
     )
+    if once and _nests_a_region(model, mesh, rules, once):
+        once = ()
 
     def loss_of(params: nnx.State, batch: Batch, rngs: nnx.State) -> tuple[jax.Array, dict]:
         # fresh variables at this trace level: drawing a key advances its RngCount in place,
