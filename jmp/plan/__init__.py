@@ -1,11 +1,16 @@
 """The analytic planner: memory, communication, FLOPs and time of a GPT train step, per device.
 
-Six modules, one concept each, imported one way (``search -> estimate -> pipeline_costs ->
-costs``, ``estimate -> devices``):
+Modules, one concept each, imported one way (``search -> estimate -> pipeline_costs -> the cost
+terms -> terms -> params``, ``estimate -> hardware``):
 
 - :mod:`~jmp.plan.hardware`: :class:`Device`, the presets :data:`DEVICES`, :func:`get_device`.
-- :mod:`~jmp.plan.costs`: the parameter layouts (:func:`param_arrays`) and the cost terms of
-  the non-pipeline strategies: every collective (:class:`Comm`) XLA emits, activations, FLOPs.
+- :mod:`~jmp.plan.params`: the model's parameter arrays (:func:`param_arrays`) and their
+  layouts under a strategy's rules.
+- :mod:`~jmp.plan.terms`: what every cost term reads (the step) and returns (:class:`Comm`).
+- the cost terms of the non-pipeline strategies, indexed by :mod:`~jmp.plan.costs`:
+  :mod:`~jmp.plan.tensor_costs` (tp, and sp's reduce-scatters and all-gathers),
+  :mod:`~jmp.plan.batch_costs` (dp, fsdp, the gradient norm), :mod:`~jmp.plan.context_costs`
+  (cp), :mod:`~jmp.plan.moe_costs` (ep), :mod:`~jmp.plan.compute_costs` (activations, FLOPs).
 - :mod:`~jmp.plan.pipeline_costs`: the same for the pipeline strategies (``pp*``), per tick
   (:func:`pipeline_arrays`).
 - :mod:`~jmp.plan.estimate`: :func:`estimate` checks the inputs, sums the cost terms into an
@@ -29,11 +34,12 @@ Example:
 """
 
 from jmp.plan.compare import Candidate, compare, format_comparison
-from jmp.plan.costs import Comm, ParamArray, param_arrays
 from jmp.plan.estimate import PIPELINE_SCHEDULES, STRATEGIES, Estimate, estimate
 from jmp.plan.hardware import DEVICES, Device, GiB, MiB, get_device
+from jmp.plan.params import ParamArray, param_arrays
 from jmp.plan.pipeline_costs import STAGE_AXIS, pipeline_arrays
 from jmp.plan.search import candidate_shapes, format_table, search
+from jmp.plan.terms import Comm
 
 __all__ = [
     "DEVICES",

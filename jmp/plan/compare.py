@@ -57,8 +57,8 @@ from jax.sharding import Mesh
 from jmp.errors import ConfigError, JmpError
 from jmp.inspect import Collective, Memory, collectives, flops, memory
 from jmp.mesh import MeshSpec, format_mesh_shape, make_mesh
-from jmp.plan.costs import _ring_factor
 from jmp.plan.hardware import Device, get_device
+from jmp.plan.terms import _ring_factor
 from jmp.rules import Rules, check_batch, preset
 from jmp.sharding import _nnx_init
 from jmp.train.step import TrainConfig, make_optimizer, make_step

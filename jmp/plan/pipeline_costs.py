@@ -16,7 +16,8 @@ activations. Time: ``compute * (M + S - 1) / M + comm``; the ``reason`` states t
 
 A separate module because the accounting differs in kind, not degree: per tick rather than per
 microbatch, stacked ``(stage, layers, ...)`` arrays, a stash instead of the whole forward's
-activations. It reuses :mod:`jmp.plan.costs`' layouts, :class:`~jmp.plan.costs.Comm` and FLOPs.
+activations. It reuses :mod:`jmp.plan.params`' arrays, :class:`~jmp.plan.terms.Comm`, the
+gradient norm of :mod:`jmp.plan.batch_costs` and the FLOPs of :mod:`jmp.plan.compute_costs`.
 
 Example:
     >>> [a.shape for a in pipeline_arrays(GPTConfig.named("tiny"), 2)][2]  # blocks/norm1/scale
@@ -29,7 +30,10 @@ import math
 
 from jmp import strategies
 from jmp.models.gpt import GPTConfig
-from jmp.plan.costs import Comm, ParamArray, _Ctx, _flops, _norm_comms, _one_axis, param_arrays
+from jmp.plan.batch_costs import _norm_comms
+from jmp.plan.compute_costs import _flops
+from jmp.plan.params import ParamArray, param_arrays
+from jmp.plan.terms import Comm, _Ctx, _one_axis
 
 STAGE_AXIS = strategies.STAGE_AXIS
 

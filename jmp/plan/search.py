@@ -14,13 +14,23 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from jmp.errors import ConfigError, JmpError
+from jmp.layers.context_parallel import CP_IMPLS
 from jmp.mesh import fitting_shapes
 from jmp.models.gpt import GPTConfig
-from jmp.plan.estimate import _NEEDS, STRATEGIES, Estimate, _fmt_time, estimate
+from jmp.plan.estimate import (
+    _NEEDS,
+    MOE_STRATEGIES,
+    STRATEGIES,
+    Estimate,
+    _fmt_time,
+    estimate,
+)
 from jmp.plan.hardware import Device, get_device
 from jmp.units import human_bytes
 
@@ -49,6 +59,7 @@ def search(
     remat: bool | None = None,
     include_unfit: bool = False,
     schedule: str = "1f1b",
+    cp_impls: Sequence[str] | None = None,
 ) -> list[Estimate]:
     """Every (strategy, mesh shape) jmp accepts on ``n_devices``, fitting ones ranked by step time.
 
@@ -56,12 +67,16 @@ def search(
     not divisible by its mesh axes, the batch does not split, or (pipelines) the ``'stage'``
     size does not divide ``n_layers``; then it is kept if it fits in memory (or always, after
     the fitting ones, with ``include_unfit``). Pipeline strategies use ``microbatches`` as their
-    M and ``schedule``; their ``reason`` states the bubble.
+    M and ``schedule``; their ``reason`` states the bubble. Context-parallel strategies are
+    estimated once per attention implementation in ``cp_impls`` (default: ``cfg.cp_impl``
+    only), each a candidate of its own; a mixture of experts (``cfg.n_experts``) is planned
+    with the strategies the cost model covers for it (``MOE_STRATEGIES``), a dense model
+    without ``ep`` (it has no experts to split).
 
     Example:
         >>> best = search(GPTConfig.named("7b", dtype="bfloat16"), 64, "h100", batch_size=256)[0]
-        >>> best.reason.split(":")[0]
-        'fsdp_tp on data=32,model=2'
+        >>> best.reason.split(":")[0]  # sp: tp's ring bytes, less activation memory
+        'fsdp_tp_sp on data=32,model=2'
     """
     dev = get_device(device)
     if not isinstance(n_devices, int) or n_devices < 1:
@@ -73,13 +88,23 @@ def search(
             f"strategies: "
             f"{', '.join(STRATEGIES)}."
         )
+    impls = tuple(cp_impls or (cfg.cp_impl,))
+    bad = [i for i in impls if i not in CP_IMPLS]
+    if bad:
+        raise ConfigError(f"cp_impls {bad} are not context-parallel attentions; use {CP_IMPLS}.")
     found = []
     for strategy in strategies:
-        for shape in candidate_shapes(strategy, n_devices):
+        kinds = strategy.split("_")
+        if (cfg.n_experts and strategy not in MOE_STRATEGIES) or (
+            not cfg.n_experts and "ep" in kinds
+        ):
+            continue  # not modelled for a mixture of experts / no experts to split
+        configs = [replace(cfg, cp_impl=i) for i in impls] if "cp" in kinds else [cfg]
+        for shape, model in itertools.product(candidate_shapes(strategy, n_devices), configs):
             try:
                 found.append(
                     estimate(
-                        cfg,
+                        model,
                         shape,
                         strategy,
                         batch_size=batch_size,
@@ -117,7 +142,7 @@ def format_table(estimates: Sequence[Estimate], /, *, title: str = "plan") -> An
     for i, e in enumerate(estimates, 1):
         table.add_row(
             str(i),
-            e.strategy,
+            e.strategy + (f" ({e.cp_impl})" if e.cp_impl else ""),
             e.mesh,
             human_bytes(e.total_bytes),
             "yes" if e.fits else "no",
