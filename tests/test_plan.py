@@ -373,3 +373,27 @@ def test_step_time_states_its_efficiency_assumption(capsys):
         plan.Device("x", 1e12, 2**30, 1e9, matmul_efficiency=1.5)
     assert jmp.cli.main(["plan", "--model", "tiny", "--devices", "8", "--top", "1"]) == 0
     assert "assumes 60% of" in " ".join(capsys.readouterr().out.split())
+
+
+def test_longest_sequence_is_the_edge_of_fitting():
+    """The length longest_sequence returns fits, the next length the strategy accepts does not."""
+    from dataclasses import replace
+
+    from jmp.plan import longest_sequence
+
+    cfg = GPTConfig.named("7b", dtype="bfloat16")
+    for strategy, shape, unit in (
+        ("fsdp_tp", {"data": 8, "model": 8}, 1),
+        ("fsdp_tp_sp", {"data": 8, "model": 8}, 8),  # the sequence splits over 'model'
+        ("fsdp_cp", {"data": 8, "context": 8}, 16),  # 2 x context chunks, load balanced
+    ):
+        n = longest_sequence(cfg, shape, strategy, batch_size=8, device="h100", remat=True)
+        assert n > 0 and n % unit == 0, (strategy, n)
+
+        def at(seq, strategy=strategy, shape=shape):
+            return plan.estimate(
+                replace(cfg, seq_len=seq), shape, strategy, batch_size=8, seq_len=seq,
+                device="h100", remat=True,
+            )  # fmt: skip
+
+        assert at(n).fits and not at(n + unit).fits, (strategy, n)

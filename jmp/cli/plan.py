@@ -162,5 +162,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if ranked:
         console.print(plan.format_table(ranked[: args.top]))
     for i, e in enumerate(ranked[: args.top], 1):
-        console.print(f"{i:>2}. {e.reason}", highlight=False)
+        longest = plan.longest_sequence(
+            dataclasses.replace(cfg, cp_impl=e.cp_impl or cfg.cp_impl),
+            e.mesh_shape,
+            e.strategy,
+            batch_size=batch,
+            device=device,
+            microbatches=args.microbatches,
+            schedule=args.schedule,
+        )
+        console.print(
+            f"{i:>2}. {e.reason}; the longest sequence that fits on this mesh: "
+            + (f"{longest:,} tokens ({batch} per step)" if longest else "none"),
+            highlight=False,
+        )
     return code

@@ -38,7 +38,7 @@ from jmp.plan.estimate import PIPELINE_SCHEDULES, STRATEGIES, Estimate, estimate
 from jmp.plan.hardware import DEVICES, Device, GiB, MiB, get_device
 from jmp.plan.params import ParamArray, param_arrays
 from jmp.plan.pipeline_costs import STAGE_AXIS, pipeline_arrays
-from jmp.plan.search import candidate_shapes, format_table, search
+from jmp.plan.search import candidate_shapes, format_table, longest_sequence, search
 from jmp.plan.terms import Comm
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "format_comparison",
     "format_table",
     "get_device",
+    "longest_sequence",
     "param_arrays",
     "pipeline_arrays",
     "search",

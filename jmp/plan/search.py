@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -119,6 +120,75 @@ def search(
                 continue  # the strategy does not apply to this shape: not a candidate
     found.sort(key=lambda e: (not e.fits, e.step_time, e.total_bytes))
     return found if include_unfit else [e for e in found if e.fits]
+
+
+def _sequence_unit(cfg: GPTConfig, mesh_shape: dict[str, int], strategy: str) -> int:
+    """The sequence lengths a strategy accepts are the multiples of this: the context layout's
+    chunks (2c load balanced, else c) under cp, the tensor axis under sp."""
+    kinds = strategy.split("_")
+    unit = 1
+    if "cp" in kinds:
+        ways = mesh_shape.get("context", 1)
+        unit = math.lcm(unit, 2 * ways if cfg.cp_load_balance else ways)
+    if "sp" in kinds:
+        unit = math.lcm(unit, mesh_shape.get("model", 1))
+    return unit
+
+
+def longest_sequence(
+    cfg: GPTConfig,
+    mesh_shape: dict[str, int],
+    strategy: str,
+    /,
+    *,
+    batch_size: int,
+    device: Device | str,
+    limit: int = 2**24,
+    **options: Any,
+) -> int:
+    """The longest sequence (tokens) whose train step, ``batch_size`` sequences of it, fits in
+    each device's memory on this mesh (0: none; at most ``limit``).
+
+    A bisection over the lengths the strategy accepts (:func:`_sequence_unit`), the model
+    planned at each (its position table grows with it); ``options`` go to
+    :func:`jmp.plan.estimate` (``remat``, ``microbatches``...).
+
+    Example (a 7B model, 8 sequences per step on 64 H100s, blocks recomputed):
+        >>> cfg, shape = GPTConfig.named("7b", dtype="bfloat16"), {"data": 8, "model": 8}
+        >>> options = dict(batch_size=8, device="h100", remat=True)
+        >>> longest_sequence(cfg, shape, "fsdp_tp", **options)
+        160104
+        >>> longest_sequence(cfg, shape, "fsdp_tp_sp", **options)  # the residual stream split
+        452560
+    """
+    unit = _sequence_unit(cfg, mesh_shape, strategy)
+
+    def fits(k: int) -> bool:
+        seq = k * unit
+        try:
+            return estimate(
+                replace(cfg, seq_len=seq),
+                mesh_shape,
+                strategy,
+                batch_size=batch_size,
+                seq_len=seq,
+                device=device,
+                **options,
+            ).fits
+        except JmpError:
+            return False
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2  # fits(lo), and hi is the next length to try
+    while hi * unit <= limit and fits(hi):
+        lo, hi = hi, 2 * hi
+    if hi * unit > limit:
+        return lo * unit
+    while hi - lo > 1:  # fits(lo) and not fits(hi): memory grows with the sequence
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * unit
 
 
 def format_table(estimates: Sequence[Estimate], /, *, title: str = "plan") -> Any:
