@@ -144,6 +144,24 @@ def interleaved(
     return times
 
 
+def compiled_and_timed(
+    cfg: GPTConfig, strategy: str, mesh: jax.sharding.Mesh, *, rows: int, rounds: int
+) -> tuple[Any, float]:
+    """(compiled step, median seconds per step) of jmp's train step for ``cfg`` under
+    ``strategy`` on a random batch of ``rows`` sequences of ``cfg.seq_len``."""
+    _, step, _ = build(cfg, strategy, mesh)
+    state = step.init_state()
+    batch = random_batch(step.batch_sharding, rows, cfg.seq_len, cfg.vocab_size)
+    compiled = step.lower(state, batch).compile()
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], batch)
+        return metrics["loss"]
+
+    return compiled, median(interleaved({"step": run}, rounds=rounds)["step"])
+
+
 def median(xs: Iterable[float]) -> float:
     xs = list(xs)
     return statistics.median(xs) if xs else math.nan

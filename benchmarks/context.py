@@ -28,25 +28,15 @@ def measure(seq: int, ways: int, impl: str, devices, rounds: int) -> dict:
     cfg = GPTConfig(d_model=64, n_layers=2, n_heads=4, seq_len=seq, vocab_size=256, cp_impl=impl)
     strategy, spec = ("dp", "data=1") if ways == 1 else ("cp", f"context={ways}")
     mesh = common.mesh_for(spec, devices)
-    _, step, _ = common.build(cfg, strategy, mesh)
-    state = step.init_state()
-    batch = common.random_batch(step.batch_sharding, 2, seq, cfg.vocab_size)
-    compiled = step.lower(state, batch).compile()
+    compiled, step_s = common.compiled_and_timed(cfg, strategy, mesh, rows=2, rounds=rounds)
     mem = common.jinspect.memory(compiled)
-    holder = {"state": state}
-
-    def run():
-        holder["state"], metrics = step(holder["state"], batch)
-        return metrics["loss"]
-
-    times = common.interleaved({"step": run}, rounds=rounds)["step"]
     return {
         "seq": seq,
         "context": ways,
         "impl": impl,
         "temp_bytes": mem.temporaries,
         "argument_bytes": mem.arguments,
-        "step_s": sorted(times)[len(times) // 2],
+        "step_s": step_s,
     }
 
 

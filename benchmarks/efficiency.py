@@ -28,6 +28,8 @@ MESHES = {
     "tp": "model=4",
     "dp_tp": "data=2,model=4",
     "fsdp_tp": "data=2,model=4",
+    "dp_tp_sp": "data=2,model=4",
+    "dp_cp": "data=2,context=4",
 }
 STRATEGIES = tuple(MESHES)
 BATCH = 8

@@ -2,10 +2,10 @@
 
 For the GPT train step (AdamW) on ``model = 4`` simulated CPU devices, tensor parallelism with
 and without sequence parallelism (``tp``, ``tp_sp``, both ``mode='manual'``): the compiled
-temporary bytes per device (``memory_analysis``) and the median step time, variants alternated
-within one run, and the bytes moved over 'model' (ring volume: an all-reduce moves twice what a
-reduce-scatter or an all-gather of the same array moves). Writes ``results/sequence.json`` and
-``results/sequence.png``.
+temporary bytes per device (``memory_analysis``) and the median step time, the two timed
+alternately in one loop, and the bytes moved over 'model' (ring volume: an all-reduce moves
+twice what a reduce-scatter or an all-gather of the same array moves). Writes
+``results/sequence.json`` and ``results/sequence.png``.
 
     .venv/bin/python benchmarks/sequence.py [--quick]
 
@@ -31,30 +31,35 @@ def ring_bytes(found, ways: int) -> float:
     return sum(factor.get(c.kind, 1.0) * c.total_bytes for c in found if c.axes == ("model",))
 
 
-def measure(seq: int, strategy: str, devices, rounds: int) -> dict:
+def measure(seq: int, devices, rounds: int) -> dict[str, dict]:
+    """Both strategies at one length: compiled, then timed alternately in one loop."""
     cfg = GPTConfig(d_model=256, n_layers=2, n_heads=8, seq_len=seq, vocab_size=256, mode="manual")
     mesh = common.mesh_for(f"model={WAYS}", devices)
-    _, step, _ = common.build(cfg, strategy, mesh)
-    state = step.init_state()
-    batch = common.random_batch(step.batch_sharding, 2, seq, cfg.vocab_size)
-    compiled = step.lower(state, batch).compile()
-    mem = common.jinspect.memory(compiled)
-    found = common.jinspect.collectives(compiled, mesh)
-    holder = {"state": state}
+    rows, runners = {}, {}
+    for strategy in STRATEGIES:
+        _, step, _ = common.build(cfg, strategy, mesh)
+        holder = {"state": step.init_state()}
+        batch = common.random_batch(step.batch_sharding, 2, seq, cfg.vocab_size)
+        compiled = step.lower(holder["state"], batch).compile()
+        found = common.jinspect.collectives(compiled, mesh)
+        rows[strategy] = {
+            "seq": seq,
+            "strategy": strategy,
+            "temp_bytes": common.jinspect.memory(compiled).temporaries,
+            "model_ring_bytes": ring_bytes(found, WAYS),
+            "kinds_over_model": sorted({c.kind for c in found if c.axes == ("model",)}),
+        }
 
-    def run():
-        holder["state"], metrics = step(holder["state"], batch)
-        return metrics["loss"]
+        def run(step=step, holder=holder, batch=batch):
+            holder["state"], metrics = step(holder["state"], batch)
+            return metrics["loss"]
 
-    times = common.interleaved({"step": run}, rounds=rounds)["step"]
-    return {
-        "seq": seq,
-        "strategy": strategy,
-        "temp_bytes": mem.temporaries,
-        "model_ring_bytes": ring_bytes(found, WAYS),
-        "kinds_over_model": sorted({c.kind for c in found if c.axes == ("model",)}),
-        "step_s": sorted(times)[len(times) // 2],
-    }
+        runners[strategy] = run
+    times = common.interleaved(runners, rounds=rounds)
+    for strategy, row in rows.items():
+        row["step_s"] = common.median(times[strategy])
+    rows["tp_sp"]["step_ratio_tp_sp_over_tp"] = common.paired_ratio(times["tp_sp"], times["tp"], 1)
+    return rows
 
 
 def main() -> None:
@@ -65,7 +70,7 @@ def main() -> None:
     rounds = 2 if args.quick else 4
     rows = []
     for seq in seqs:
-        pair = {s: measure(seq, s, devices, rounds) for s in STRATEGIES}
+        pair = measure(seq, devices, rounds)
         rows += pair.values()
         tp, sp = pair["tp"], pair["tp_sp"]
         print(
@@ -74,7 +79,7 @@ def main() -> None:
             f"  ring bytes over 'model' tp_sp/tp "
             f"{sp['model_ring_bytes'] / tp['model_ring_bytes']:.3f}  step tp "
             f"{tp['step_s'] * 1e3:7.1f} ms  tp_sp {sp['step_s'] * 1e3:7.1f} ms "
-            f"({sp['step_s'] / tp['step_s']:.3f})"
+            f"({sp['step_ratio_tp_sp_over_tp']:.3f}, median of paired ratios)"
         )
     fig, (ax_mem, ax_time) = common.new_figure(ncols=2)
     for s in STRATEGIES:

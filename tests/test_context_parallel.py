@@ -212,27 +212,35 @@ def test_a_pipeline_with_context_parallel_stages_equals_the_unsharded_model(
     _check_leaves(loss, have, want_loss, ref)
 
 
-def test_adamw_steps_equal_one_device():
-    def fit(mesh, strategy):
-        cfg = CONFIGS["llama"][1]
-        result = jmp.fit(
-            lambda r: Llama(cfg, rngs=r),
-            next_token_loss,
-            lambda k: (tokens(k)[:, :-1], tokens(k)[:, 1:]),
-            mesh=mesh,
-            strategy=strategy,
-            optimizer=optax.adamw(1e-3),
-            steps=5,
-            progress=False,
-        )
-        return [r["loss"] for r in result.history], leaves_by_path(result.state.params)
+def adamw_run(make_model, mesh, strategy):
+    """Losses and parameters of 5 AdamW steps of ``jmp.fit`` on the test batches."""
+    result = jmp.fit(
+        make_model,
+        next_token_loss,
+        lambda k: (tokens(k)[:, :-1], tokens(k)[:, 1:]),
+        mesh=mesh,
+        strategy=strategy,
+        optimizer=optax.adamw(1e-3),
+        steps=5,
+        progress=False,
+    )
+    return [r["loss"] for r in result.history], leaves_by_path(result.state.params)
 
-    want_losses, want = fit(mesh_of("data=1"), "dp")
-    losses, got = fit(mesh_of("data=2,context=4"), "dp_cp")
+
+def check_adamw_equals_one_device(make_model, mesh, strategy):
+    want_losses, want = adamw_run(make_model, mesh_of("data=1"), "dp")
+    losses, got = adamw_run(make_model, mesh, strategy)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
     assert losses[-1] < losses[0]
     for path, w in want.items():
         np.testing.assert_allclose(got[path], w, rtol=1e-4, atol=1e-5, err_msg=path)
+
+
+def test_adamw_steps_equal_one_device():
+    cfg = CONFIGS["llama"][1]
+    check_adamw_equals_one_device(
+        lambda r: Llama(cfg, rngs=r), mesh_of("data=2,context=4"), "dp_cp"
+    )
 
 
 # --- the compiled program ----------------------------------------------------------------------
@@ -294,12 +302,10 @@ def test_collectives_per_layer(name, impl, spec):
         assert sum(c.count for c in attention) == cfg.n_layers, summary(found)
 
 
-def _step_temporaries(spec: str, impl: str, seq: int) -> int:
-    """Compiled temporary bytes per device of the GPT's loss and gradients."""
-    mesh = mesh_of(spec)
-    rules = jmp.rules.preset("cp" if "context" in spec else "dp", mesh)
-    graphdef, state = nnx.split(_model("gpt", cp_impl=impl, seq_len=seq))
-    ids = jnp.zeros((2, seq), jnp.int32)
+def step_temporaries(model, mesh, rules, rows: int, seq: int) -> int:
+    """Compiled temporary bytes per device of ``model``'s loss and gradients."""
+    graphdef, state = nnx.split(model)
+    ids = jnp.zeros((rows, seq), jnp.int32)
 
     def step(state, ids):
         with jmp.activate(mesh, rules):
@@ -310,6 +316,12 @@ def _step_temporaries(spec: str, impl: str, seq: int) -> int:
     state = jax.device_put(state, jmp.named_shardings(state, rules, mesh))
     with jmp.activate(mesh, rules):
         return jax.jit(step).lower(state, ids).compile().memory_analysis().temp_size_in_bytes
+
+
+def _step_temporaries(spec: str, impl: str, seq: int) -> int:
+    mesh = mesh_of(spec)
+    rules = jmp.rules.preset("cp" if "context" in spec else "dp", mesh)
+    return step_temporaries(_model("gpt", cp_impl=impl, seq_len=seq), mesh, rules, 2, seq)
 
 
 @pytest.mark.parametrize("impl", ["ring", "allgather"])

@@ -75,6 +75,30 @@ def assert_bytes_per_axis_match(est, found, label):
     )
 
 
+def assert_bytes_per_axis_equal(est, found, label):
+    """Predicted bytes per mesh axis equal to the compiled step's, byte for byte."""
+    measured = measured_per_axis(found)
+    assert est.comm_bytes == measured, (
+        f"{label}: bytes per axis (predicted {est.comm_bytes}, measured {measured})\n"
+        f"measured collectives:\n{describe_measured(found)}\npredicted:\n{est.comm_report()}"
+    )
+
+
+def real_param_arrays(cfg) -> dict:
+    """path -> (shape, logical names) of every parameter of ``GPT(cfg)``, from the model."""
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    real = {}
+    jax.tree_util.tree_map_with_path(
+        lambda p, v: real.setdefault(
+            _path_str(p), (tuple(v.get_raw_value().shape), logical_names(v))
+        ),
+        nnx.state(abstract, nnx.Param),
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return real
+
+
 def describe_measured(found) -> str:
     grouped: Counter = Counter()
     for c in found:
@@ -145,16 +169,7 @@ def test_prediction_matches_compiled_step(model, strategy, options, make_mesh):
 @pytest.mark.parametrize("model", ["tiny", "wide"])
 def test_param_arrays_are_the_models(model):
     cfg = MODELS[model]
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
-    real = {}
-    jax.tree_util.tree_map_with_path(
-        lambda p, v: real.setdefault(
-            _path_str(p), (tuple(v.get_raw_value().shape), logical_names(v))
-        ),
-        nnx.state(abstract, nnx.Param),
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
+    real = real_param_arrays(cfg)
     predicted = {a.path: (a.shape, a.names) for a in plan.param_arrays(cfg)}
     assert predicted == real
     assert sum(math.prod(s) for s, _ in predicted.values()) == cfg.num_params()

@@ -21,7 +21,7 @@ import jmp
 from jmp import plan
 from jmp.models.gpt import GPT, GPTConfig
 from jmp.train import TrainConfig, make_optimizer, make_step
-from tests.test_plan import describe_measured, measured_per_axis
+from tests.test_plan import assert_bytes_per_axis_equal
 
 BATCH = 16
 TINY = GPTConfig.named("tiny")  # d=64, 2 layers, 8 heads, vocab 256, seq 64
@@ -72,12 +72,7 @@ def test_cp_prediction_equals_compiled_step(strategy, spec, options, microbatche
     )
 
     found = jmp.inspect.collectives(compiled, mesh)
-    measured = measured_per_axis(found)
-    assert est.comm_bytes == measured, (
-        f"{strategy} {spec} {options} mb={microbatches}: bytes per axis (predicted "
-        f"{est.comm_bytes}, measured {measured})\nmeasured collectives:\n"
-        f"{describe_measured(found)}\npredicted:\n{est.comm_report()}"
-    )
+    assert_bytes_per_axis_equal(est, found, f"{strategy} {spec} {options} mb={microbatches}")
     kinds = {c.kind for c in found if c.axes == ("context",)}
     if cfg.cp_impl == "ring":
         assert "collective-permute" in kinds and "all-gather" not in kinds

@@ -8,15 +8,12 @@ parameter arrays must be the model's; memory and FLOPs count total and active pa
 
 from __future__ import annotations
 
-import jax
 import pytest
-from flax import nnx
 
 import jmp
 from jmp import plan
-from jmp.models.gpt import GPT, GPTConfig
-from jmp.sharding import _path_str, logical_names
-from tests.test_plan import describe_measured, measured_per_axis
+from jmp.models.gpt import GPTConfig
+from tests.test_plan import assert_bytes_per_axis_equal, real_param_arrays
 from tests.test_plan_cp import BATCH, compiled_step
 
 ROUTED = GPTConfig.named("tiny", n_experts=8, top_k=2)  # every block a MoE block
@@ -38,11 +35,7 @@ def test_moe_prediction_equals_compiled_step(strategy, spec, cfg):
     est = plan.estimate(cfg, dict(mesh.shape), strategy, batch_size=BATCH, device="cpu")
 
     found = jmp.inspect.collectives(compiled, mesh)
-    measured = measured_per_axis(found)
-    assert est.comm_bytes == measured, (
-        f"{strategy} {spec}: bytes per axis (predicted {est.comm_bytes}, measured {measured})\n"
-        f"measured collectives:\n{describe_measured(found)}\npredicted:\n{est.comm_report()}"
-    )
+    assert_bytes_per_axis_equal(est, found, f"{strategy} {spec}")
     to_all = jmp.inspect.count(found, "all-to-all", ("expert",))
     assert to_all == sum(c.count for c in est.comm if c.kind == "all-to-all")
     assert (to_all > 0) == ("ep" in strategy)
@@ -55,16 +48,7 @@ def test_moe_prediction_equals_compiled_step(strategy, spec, cfg):
 
 
 def test_moe_param_arrays_are_the_models():
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: GPT(MIXED, rngs=nnx.Rngs(0)))
-    real = {}
-    jax.tree_util.tree_map_with_path(
-        lambda p, v: real.setdefault(
-            _path_str(p), (tuple(v.get_raw_value().shape), logical_names(v))
-        ),
-        nnx.state(abstract, nnx.Param),
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
+    real = real_param_arrays(MIXED)
     assert {a.path: (a.shape, a.names) for a in plan.param_arrays(MIXED)} == real
 
 

@@ -18,7 +18,7 @@ import pytest
 import jmp
 from jmp import plan
 from jmp.models.gpt import GPTConfig
-from tests.test_plan import describe_measured, measured_per_axis
+from tests.test_plan import assert_bytes_per_axis_equal
 from tests.test_plan_cp import BATCH, compiled_step
 
 TINY = GPTConfig.named("tiny")  # d=64, 2 layers, 8 heads, vocab 256, seq 64
@@ -47,12 +47,7 @@ def test_sp_prediction_equals_compiled_step(strategy, spec, options, microbatche
     )
 
     found = jmp.inspect.collectives(compiled, mesh)
-    measured = measured_per_axis(found)
-    assert est.comm_bytes == measured, (
-        f"{strategy} {spec} {options} mb={microbatches}: bytes per axis (predicted "
-        f"{est.comm_bytes}, measured {measured})\nmeasured collectives:\n"
-        f"{describe_measured(found)}\npredicted:\n{est.comm_report()}"
-    )
+    assert_bytes_per_axis_equal(est, found, f"{strategy} {spec} {options} mb={microbatches}")
     kinds = Counter()
     for c in found:
         if c.axes == ("model",):

@@ -12,16 +12,11 @@ bytes on a ring; the temporaries per device are fewer. Bad inputs are one-line e
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
-from flax import nnx
 
 import jmp
 from jmp.inspect import collectives, summary
 from jmp.models.gpt import GPT
-from jmp.train import next_token_loss
-from tests.plain_model import leaves_by_path
 from tests.test_context_parallel import (
     CONFIGS,
     ROWS,
@@ -30,9 +25,11 @@ from tests.test_context_parallel import (
     _compiled_forward,
     _model,
     _one_line,
+    check_adamw_equals_one_device,
     loss_and_grads,
     mesh_of,
     reference,
+    step_temporaries,
     tokens,
 )
 
@@ -66,25 +63,8 @@ def test_loss_and_gradients_equal_the_unsharded_model(name, strategy, spec, mode
 
 
 def test_adamw_steps_equal_one_device():
-    def fit(mesh, strategy):
-        result = jmp.fit(
-            lambda r: GPT(CONFIGS["gpt"][1], rngs=r),
-            next_token_loss,
-            lambda k: (tokens(k)[:, :-1], tokens(k)[:, 1:]),
-            mesh=mesh,
-            strategy=strategy,
-            optimizer=optax.adamw(1e-3),
-            steps=5,
-            progress=False,
-        )
-        return [r["loss"] for r in result.history], leaves_by_path(result.state.params)
-
-    want_losses, want = fit(mesh_of("data=1"), "dp")
-    losses, got = fit(mesh_of("data=2,model=4"), "dp_tp_sp")
-    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
-    assert losses[-1] < losses[0]
-    for path, w in want.items():
-        np.testing.assert_allclose(got[path], w, rtol=1e-4, atol=1e-5, err_msg=path)
+    cfg = CONFIGS["gpt"][1]
+    check_adamw_equals_one_device(lambda r: GPT(cfg, rngs=r), mesh_of("data=2,model=4"), "dp_tp_sp")
 
 
 # --- the compiled program ----------------------------------------------------------------------
@@ -176,19 +156,7 @@ def test_collective_matmuls_are_ring_steps(spec):
 def _temporaries(strategy: str) -> int:
     mesh = mesh_of("model=4")
     rules = jmp.rules.preset(strategy, mesh)
-    model = _model("gpt", mode="manual")
-    graphdef, state = nnx.split(model)
-    ids = jnp.zeros((ROWS, SEQ), jnp.int32)
-
-    def step(state, ids):
-        with jmp.activate(mesh, rules):
-            return jax.value_and_grad(
-                lambda s: next_token_loss(nnx.merge(graphdef, s), (ids, ids))
-            )(state)
-
-    state = jax.device_put(state, jmp.named_shardings(state, rules, mesh))
-    with jmp.activate(mesh, rules):
-        return jax.jit(step).lower(state, ids).compile().memory_analysis().temp_size_in_bytes
+    return step_temporaries(_model("gpt", mode="manual"), mesh, rules, ROWS, SEQ)
 
 
 def test_sequence_parallel_step_needs_fewer_temporaries():

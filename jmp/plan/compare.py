@@ -35,7 +35,7 @@ Example:
     [('tp', 'model=8', True), ('fsdp_tp', 'data=4,model=2', True), ('dp', 'data=8', True),
      ('tp', 'data=8', False)]
     >>> ranked[0].comm_bytes, ranked[0].reason.split(",")[0]
-    ({'model': 1032}, 'tp on model=8: 9.1 KiB/device of 59.7 GiB usable (fits)')
+    ({'model': 1032}, 'tp on model=8: 8.9 KiB/device of 59.7 GiB usable (fits)')
     >>> ranked[-1].rejected, ranked[-1].reason[:42]
     (True, "Strategy 'tp' does not fit mesh data=8: it")
     >>> table = format_comparison(ranked)   # a rich Table: rich.print(table)

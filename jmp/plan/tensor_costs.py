@@ -44,71 +44,23 @@ def _tensor_comms(c: _Ctx) -> list[Comm]:
     sequence parallelism its gathers and scatters instead (:func:`_sequence_comms`)."""
     if c.seq_split:
         return _sequence_comms(c)
-    out: list[Comm] = []
     act = c.tokens * c.cfg.d_model * c.wire
-
     vocab, heads, mlp = (c.tensor_split(r)[0] for r in ("head", "qkv", "up"))
-    if vocab:
-        out.append(
-            Comm(
-                "all-reduce",
-                vocab,
-                act,
-                c.micro,
-                "embedding vocab-parallel lookup (one-hot product) forward",
-            )
-        )
+    wanted: list[tuple[str | None, str]] = [
+        (vocab, "embedding vocab-parallel lookup (one-hot product) forward")
+    ]
     for i in range(c.cfg.n_layers):
-        if heads:
-            out.append(
-                Comm(
-                    "all-reduce",
-                    heads,
-                    act,
-                    c.micro,
-                    f"layer {i} attention out-proj row-parallel forward",
-                )
-            )
-            if c.remat:
-                out.append(
-                    Comm(
-                        "all-reduce",
-                        heads,
-                        act,
-                        c.micro,
-                        f"layer {i} attention out-proj recomputed (remat)",
-                    )
-                )
-            out.append(
-                Comm(
-                    "all-reduce",
-                    heads,
-                    act,
-                    c.micro,
-                    f"layer {i} qkv input gradient (column-parallel) backward",
-                )
-            )
-        if mlp and not c.cfg.is_moe_layer(i):
-            out.append(
-                Comm("all-reduce", mlp, act, c.micro, f"layer {i} MLP down row-parallel forward")
-            )
-            out.append(
-                Comm(
-                    "all-reduce",
-                    mlp,
-                    act,
-                    c.micro,
-                    f"layer {i} MLP up input gradient (column-parallel) backward",
-                )
-            )
-    if vocab:
-        out.append(
-            Comm(
-                "all-reduce", vocab, act, c.micro, "head input gradient (column-parallel) backward"
-            )
-        )
-        out += _loss_comms(c, vocab)
-    return out
+        wanted.append((heads, f"layer {i} attention out-proj row-parallel forward"))
+        if c.remat:
+            wanted.append((heads, f"layer {i} attention out-proj recomputed (remat)"))
+        wanted.append((heads, f"layer {i} qkv input gradient (column-parallel) backward"))
+        if not c.cfg.is_moe_layer(i):
+            wanted.append((mlp, f"layer {i} MLP down row-parallel forward"))
+            wanted.append((mlp, f"layer {i} MLP up input gradient (column-parallel) backward"))
+    wanted.append((vocab, "head input gradient (column-parallel) backward"))
+    # one all-reduce of the activation each, over the axis that splits its layer (if any)
+    out = [Comm("all-reduce", axis, act, c.micro, what) for axis, what in wanted if axis]
+    return out + (_loss_comms(c, vocab) if vocab else [])
 
 
 def _loss_comms(c: _Ctx, vocab: str) -> list[Comm]:
