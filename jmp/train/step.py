@@ -401,7 +401,7 @@ def make_step(
             # the other transformations ignore): each split array's norm is all-reduced once
             grad_norm = optax.tree.norm(grads)
 
-        def update() -> tuple[nnx.State, Any]:
+        def update() -> tuple[Any, Any]:  # (parameters, optimizer state)
             updates, opt_state = optimizer.update(
                 grads, state.opt_state, state.params, grad_norm=grad_norm
             )
