@@ -24,13 +24,6 @@ STRATEGIES = ("tp", "tp_sp")
 WAYS = 4
 
 
-def ring_bytes(found, ways: int) -> float:
-    """Bytes one device sends over 'model' per step on a ring (``bytes`` is a result's size)."""
-    share = (ways - 1) / ways
-    factor = {"all-reduce": 2 * share, "reduce-scatter": ways - 1, "all-gather": share}
-    return sum(factor.get(c.kind, 1.0) * c.total_bytes for c in found if c.axes == ("model",))
-
-
 def measure(seq: int, devices, rounds: int) -> dict[str, dict]:
     """Both strategies at one length: compiled, then timed alternately in one loop."""
     cfg = GPTConfig(d_model=256, n_layers=2, n_heads=8, seq_len=seq, vocab_size=256, mode="manual")
@@ -46,7 +39,9 @@ def measure(seq: int, devices, rounds: int) -> dict[str, dict]:
             "seq": seq,
             "strategy": strategy,
             "temp_bytes": common.jinspect.memory(compiled).temporaries,
-            "model_ring_bytes": ring_bytes(found, WAYS),
+            "model_ring_bytes": sum(
+                common.ring_bytes(c, mesh) for c in found if c.axes == ("model",)
+            ),
             "kinds_over_model": sorted({c.kind for c in found if c.axes == ("model",)}),
         }
 

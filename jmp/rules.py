@@ -118,6 +118,11 @@ class Rules:
     def activations_dict(self) -> dict[str, MeshAxes]:
         return dict(self.activations)
 
+    @property
+    def param_axes(self) -> frozenset[str]:
+        """The mesh axes some parameter rule splits over (tensor, FSDP, expert, stage axes)."""
+        return frozenset(a for _, entry in self.params for a in axes_tuple(entry))
+
     def replace(
         self,
         *,

@@ -57,31 +57,38 @@ def compiled_step(cfg: GPTConfig, strategy: str, spec: str, microbatches: int):
     return mesh, compiled, int(batch_bytes)
 
 
-@pytest.mark.parametrize(
-    ("strategy", "spec", "options", "microbatches"),
-    [
+def case_params(cases):
+    """(strategy, mesh, GPTConfig overrides, microbatches) cases as named pytest params."""
+    return [
         pytest.param(*c, id=f"{c[0]}-{c[1]}-{'-'.join(map(str, c[2].values()))}-mb{c[3]}")
-        for c in CASES
-    ],
-)
-def test_cp_prediction_equals_compiled_step(strategy, spec, options, microbatches):
+        for c in cases
+    ]
+
+
+def check_prediction(strategy, spec, options, microbatches):
+    """Compile a case's train step and estimate it: bytes per axis equal, parameter +
+    optimizer state within 10%. Returns (config, mesh, estimate, collectives, memory)."""
     cfg = GPTConfig(**{**TINY.to_dict(), **options})
     mesh, compiled, batch_bytes = compiled_step(cfg, strategy, spec, microbatches)
     est = plan.estimate(
         cfg, dict(mesh.shape), strategy, batch_size=BATCH, microbatches=microbatches, device="cpu"
     )
-
     found = jmp.inspect.collectives(compiled, mesh)
     assert_bytes_per_axis_equal(est, found, f"{strategy} {spec} {options} mb={microbatches}")
+    memory = jmp.inspect.memory(compiled)
+    state = memory.arguments - batch_bytes
+    assert abs(est.state_bytes - state) <= 0.10 * state, (est.state_bytes, state)
+    return cfg, mesh, est, found, memory
+
+
+@pytest.mark.parametrize(("strategy", "spec", "options", "microbatches"), case_params(CASES))
+def test_cp_prediction_equals_compiled_step(strategy, spec, options, microbatches):
+    cfg, _, est, found, memory = check_prediction(strategy, spec, options, microbatches)
     kinds = {c.kind for c in found if c.axes == ("context",)}
     if cfg.cp_impl == "ring":
         assert "collective-permute" in kinds and "all-gather" not in kinds
     else:
         assert {"all-gather", "reduce-scatter"} <= kinds
-
-    memory = jmp.inspect.memory(compiled)
-    state = memory.arguments - batch_bytes
-    assert abs(est.state_bytes - state) <= 0.10 * state, (est.state_bytes, state)
     # activations: an estimate (see test_plan); the order of magnitude of XLA's temporaries
     working = est.grads_bytes + est.activations_bytes + est.gathered_bytes
     assert 0.3 <= working / memory.temporaries <= 2.0, (working, memory.temporaries)

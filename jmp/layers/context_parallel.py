@@ -79,17 +79,22 @@ def context_axis() -> str | None:
 
 def context_axis_of(rules: Rules, shape: Mapping[str, int], /) -> str | None:
     """:func:`context_axis` for given ``rules`` and mesh axis sizes (nothing active)."""
-    tensor = {a for entry in rules.params_dict.values() for a in axes_tuple(entry)}
     seq = axes_tuple(rules.activations_dict.get("seq"))
-    axes = [a for a in seq if shape.get(a, 1) > 1 and a not in tensor]
+    axes = [a for a in seq if shape.get(a, 1) > 1 and a not in rules.param_axes]
     if len(axes) > 1:
         raise ConfigError(f"'seq' may split over one mesh axis, the rules give {tuple(axes)}.")
     return axes[0] if axes else None
 
 
+def layout_chunks(ways: int, /, *, balanced: bool) -> int:
+    """How many equal chunks the sequence is cut into: 2c load balanced, else c (a sequence
+    length must be a multiple of it)."""
+    return 2 * ways if balanced else ways
+
+
 def check_layout(seq: int, ways: int, /, *, balanced: bool) -> None:
     """Raise a one-line :class:`~jmp.ConfigError` unless ``seq`` splits into the layout."""
-    chunks = 2 * ways if balanced else ways
+    chunks = layout_chunks(ways, balanced=balanced)
     if seq % chunks:
         how = f"2 x context = {chunks} chunks (load balanced)" if balanced else f"{ways} blocks"
         raise ConfigError(
@@ -165,13 +170,18 @@ def entered_for(seq: int, balanced: bool) -> Iterator[Region]:
     """Enter the region of the context axis (:func:`context_axis`) for a ``seq``-token
     sequence: for a caller that runs the model in a ``shard_map`` manual over that axis itself
     (the pipeline, :mod:`jmp.pipeline.run`). Raises like :func:`check_layout`."""
-    axis = context_axis()
-    assert axis is not None, "entered_for needs an active cp strategy"
-    ways = current_mesh_shape()[axis]
-    check_layout(seq, ways, balanced=balanced)
-    region = Region(axis, ways, seq, balanced)
+    region = _region_for(seq, balanced)
     with _entered(region):
         yield region
+
+
+def _region_for(seq: int, balanced: bool) -> Region:
+    """The region of the active cp strategy's context axis for a ``seq``-token sequence."""
+    axis = context_axis()
+    assert axis is not None, "a context-parallel region needs an active cp strategy"
+    ways = current_mesh_shape()[axis]
+    check_layout(seq, ways, balanced=balanced)
+    return Region(axis, ways, seq, balanced)
 
 
 def to_natural(h: jax.Array, region: Region, /) -> jax.Array:
@@ -264,11 +274,10 @@ def run_sharded(
     Raises:
         ConfigError: a sequence that does not split into the layout (see :func:`check_layout`).
     """
-    axis, rules = context_axis(), current_rules()
-    assert axis is not None and rules is not None, "run_sharded needs an active cp strategy"
-    ways, seq = current_mesh_shape()[axis], tokens.shape[1]
-    check_layout(seq, ways, balanced=balanced)
-    region = Region(axis, ways, seq, balanced)
+    rules, seq = current_rules(), tokens.shape[1]
+    assert rules is not None, "run_sharded needs an active cp strategy"
+    region = _region_for(seq, balanced)
+    axis = region.axis
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens.shape)
     inner = rules.replace(activations={"seq": None})  # inside, each device's seq is local

@@ -13,13 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jmp.context import (
-    batch_axes,
-    check_sequence_split,
-    constrain,
-    param_axis,
-    sequence_parallel,
-)
+from jmp.context import constrain, param_axis
 from jmp.layers.base import (
     Initializer,
     Mode,
@@ -29,6 +23,7 @@ from jmp.layers.base import (
     named_param,
     residual_names,
 )
+from jmp.layers.linear import explicit_collectives, sequence_split
 from jmp.rules import MeshAxes, axes_tuple
 
 
@@ -69,7 +64,7 @@ class ParallelEmbed(nnx.Module):
         axis = param_axis(self.names[0])
         if axis is None:
             y = jnp.take(table, ids, axis=0)
-        elif self.mode == "auto" and not sequence_parallel(axis):  # sp is explicit
+        elif not explicit_collectives(self.mode, axis):
             # A one-hot contraction over the split vocabulary is a row-parallel product: the
             # partitioner computes local partial sums and all-reduces them (no table gather).
             one_hot = jax.nn.one_hot(ids, self.num_embeddings, dtype=table.dtype)
@@ -84,12 +79,10 @@ class ParallelEmbed(nnx.Module):
 def _manual_lookup(ids: jax.Array, table: jax.Array, axis: MeshAxes) -> jax.Array:
     axes = axes_tuple(axis)
     # under sequence parallelism the rows' sum is a reduce-scatter over the sequence, in a
-    # region manual over the batch axes too (else XLA gathers the batch around it)
-    scatter = ids.ndim >= 2 and sequence_parallel(axis)
-    batch = None
-    if scatter:
-        check_sequence_split(ids.shape[1], axis)
-        batch = batch_axes()
+    # region manual over the batch axes too (see sequence_split)
+    split = sequence_split(ids, 0, axis)
+    scatter = split is not None
+    batch = None if split is None else split.batch
 
     def block(ids_: jax.Array, table_i: jax.Array) -> jax.Array:
         start = jax.lax.axis_index(axes) * table_i.shape[0]

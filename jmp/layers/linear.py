@@ -37,14 +37,21 @@ from jmp.layers.base import (
 from jmp.rules import MeshAxes, axes_tuple
 
 
-class _SequenceSplit(NamedTuple):
+class SequenceSplit(NamedTuple):
     """How sequence parallelism splits a ``(batch, seq, ..., features)`` operand."""
 
     batch: MeshAxes  # the batch's mesh axes, manual in the region too
     ways: int  # the tensor axis's size: the sequence's chunks
 
 
-def _sequence_split(x: jax.Array, n_contract: int, axis: MeshAxes) -> _SequenceSplit | None:
+def explicit_collectives(mode: Mode, axis: MeshAxes) -> bool:
+    """Whether a layer split over ``axis`` writes its collectives in a ``shard_map``: in the
+    manual modes, and under sequence parallelism in every mode (given only the annotations,
+    XLA:CPU's partitioner all-reduces and slices where a reduce-scatter belongs)."""
+    return axis is not None and (mode != "auto" or sequence_parallel(axis))
+
+
+def sequence_split(x: jax.Array, n_contract: int, axis: MeshAxes) -> SequenceSplit | None:
     """Under sequence parallelism, how ``x``'s sequence (dim 1) is split over ``axis``; else
     None.
 
@@ -54,9 +61,7 @@ def _sequence_split(x: jax.Array, n_contract: int, axis: MeshAxes) -> _SequenceS
     if x.ndim - n_contract < 2 or not sequence_parallel(axis):
         return None
     check_sequence_split(x.shape[1], axis)
-    return _SequenceSplit(
-        batch_axes(), math.prod(current_mesh_shape()[a] for a in axes_tuple(axis))
-    )
+    return SequenceSplit(batch_axes(), math.prod(current_mesh_shape()[a] for a in axes_tuple(axis)))
 
 
 def _ring(mode: Mode, axes: tuple[str, ...]) -> bool:
@@ -76,7 +81,7 @@ def _varying_once(w: jax.Array, batch: MeshAxes) -> jax.Array:
 
 
 def _gather_then_matmul(
-    x_i: jax.Array, w_i: jax.Array, n_contract: int, axis: str, split: _SequenceSplit
+    x_i: jax.Array, w_i: jax.Array, n_contract: int, axis: str, split: SequenceSplit
 ) -> jax.Array:
     """``tensordot(all_gather(x_i, seq), w_i)`` as a collective matmul: ``ways`` products of
     the sequence chunk in hand while the next one travels one step around the ring (``ways -
@@ -96,7 +101,7 @@ def _gather_then_matmul(
 
 
 def _matmul_then_scatter(
-    x_i: jax.Array, w_i: jax.Array, n_contract: int, axis: str, split: _SequenceSplit
+    x_i: jax.Array, w_i: jax.Array, n_contract: int, axis: str, split: SequenceSplit
 ) -> jax.Array:
     """``psum_scatter(tensordot(x_i, w_i), seq)`` as a collective matmul: a running sum travels
     around the ring (``ways - 1`` collective-permutes); each device adds its partial product
@@ -126,17 +131,16 @@ def row_parallel_matmul(
     all-reduce (``psum``) over it, so the result is whole on every device of that axis. Under
     sequence parallelism (``sp``) the sum is a reduce-scatter (``psum_scatter``) over the
     sequence instead: the same sum, each device keeping its slice of the sequence (with
-    ``mode='collective'``, a collective matmul). Sequence parallelism is explicit in every
-    mode: XLA:CPU's partitioner, given only the annotations, all-reduces and slices instead
-    of reduce-scattering.
+    ``mode='collective'``, a collective matmul), written out in every mode
+    (:func:`explicit_collectives`).
     """
-    if axis is None or (mode == "auto" and not sequence_parallel(axis)):
+    if not explicit_collectives(mode, axis):
         return jnp.tensordot(x, w, n_contract)
     lead = x.ndim - n_contract
     x_spec = P(*(None,) * lead, axis)
     w_spec = P(axis)
     axes = axes_tuple(axis)
-    split = _sequence_split(x, n_contract, axis)
+    split = sequence_split(x, n_contract, axis)
 
     def block(x_i: jax.Array, w_i: jax.Array) -> jax.Array:
         if split is None:
@@ -181,13 +185,13 @@ def column_parallel_matmul(
     Args:
         split_dim: the dim of ``w`` split over ``axis`` (default: its first output dim).
     """
-    if axis is None or (mode == "auto" and not sequence_parallel(axis)):
+    if not explicit_collectives(mode, axis):
         return jnp.tensordot(x, w, n_contract)
     split_dim = n_contract if split_dim is None else split_dim
     w_spec = P(*(None,) * split_dim, axis)
     y_spec = P(*(None,) * (x.ndim - n_contract + split_dim - n_contract), axis)
     axes = axes_tuple(axis)
-    split = _sequence_split(x, n_contract, axis)
+    split = sequence_split(x, n_contract, axis)
 
     def block(x_: jax.Array, w_i: jax.Array) -> jax.Array:
         if split is not None and _ring(mode, axes):

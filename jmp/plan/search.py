@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from jmp.errors import ConfigError, JmpError
-from jmp.layers.context_parallel import CP_IMPLS
+from jmp.layers.context_parallel import CP_IMPLS, layout_chunks
 from jmp.mesh import fitting_shapes
 from jmp.models.gpt import GPTConfig
 from jmp.plan.estimate import (
@@ -129,7 +129,7 @@ def _sequence_unit(cfg: GPTConfig, mesh_shape: dict[str, int], strategy: str) ->
     unit = 1
     if "cp" in kinds:
         ways = mesh_shape.get("context", 1)
-        unit = math.lcm(unit, 2 * ways if cfg.cp_load_balance else ways)
+        unit = math.lcm(unit, layout_chunks(ways, balanced=cfg.cp_load_balance))
     if "sp" in kinds:
         unit = math.lcm(unit, mesh_shape.get("model", 1))
     return unit

@@ -279,9 +279,9 @@ def _nests_a_region(model: nnx.Module, mesh: Mesh, rules: Rules, once: tuple[str
     "data" which is already bound by a parent sdy.manual_computation')."""
     if context_axis_of(rules, mesh.shape) is not None:
         return True
-    tensor = {a for entry in rules.params_dict.values() for a in axes_tuple(entry)}
-    if any(mesh.shape[a] > 1 and a in tensor for a in axes_tuple(rules.activations_dict["seq"])):
-        return True  # sequence parallelism
+    seq = axes_tuple(rules.activations_dict["seq"])
+    if any(mesh.shape[a] > 1 and a in rules.param_axes for a in seq):
+        return True  # sequence parallelism: the sequence split over a parameter's axis
     spec = rules.activation_spec(("batch",), mesh=mesh)
     axes = axes_tuple(spec[0] if spec else None)
     if not any(mesh.shape[a] > 1 and a not in once for a in axes):
